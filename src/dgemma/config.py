@@ -1,0 +1,353 @@
+"""Configuration: the model config (HF `config.json`) and the diffusion generation config.
+
+Field names match Hugging Face's `diffusion_gemma` / `diffusion_gemma_text` so a checkpoint's
+`config.json` and `generation_config.json` read and write without translation. Two presets:
+`26b-a4b` (google/diffusiongemma-26B-A4B-it) and `tiny` (both attention types, MoE top-2; tests, demos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value that dgemma cannot use."""
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _default_rope_parameters() -> dict[str, dict[str, Any]]:
+    return {
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    }
+
+
+@dataclass
+class TextConfig:
+    """The language model (`text_config`, `model_type: diffusion_gemma_text`)."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2816
+    intermediate_size: int = 2112
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = 2
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 262_144
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    bos_token_id: int = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=_default_rope_parameters)
+    sliding_window: int = 1024
+    layer_types: list[str] | None = None
+    final_logit_softcapping: float | None = 30.0
+    num_experts: int = 128
+    top_k_experts: int = 8
+    moe_intermediate_size: int = 704
+    use_bidirectional_attention: str | None = "vision"
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_hidden_layers)]
+        self.layer_types = list(self.layer_types)
+        if self.layer_types and self.layer_types[-1] != FULL:
+            self.layer_types[-1] = FULL  # the last layer is always global, as in the reference
+        self.validate()
+
+    def validate(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ConfigError(f"unknown layer types {sorted(unknown)}; expected {SLIDING!r} or {FULL!r}")
+        for layer_type in set(self.layer_types):
+            if layer_type not in self.rope_parameters:
+                raise ConfigError(f"rope_parameters has no entry for {layer_type!r}")
+        if self.num_experts < 1 or not 1 <= self.top_k_experts <= self.num_experts:
+            raise ConfigError(f"need 1 <= top_k_experts ({self.top_k_experts}) <= num_experts ({self.num_experts})")
+        for i in range(self.num_hidden_layers):
+            kv = self.layer_kv_heads(i)
+            if self.num_attention_heads % kv:
+                raise ConfigError(f"layer {i}: {self.num_attention_heads} query heads not divisible by {kv} KV heads")
+        if self.attention_bias:
+            raise ConfigError("attention_bias=True is not part of the DiffusionGemma architecture")
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        if self.is_sliding(layer) or self.num_global_key_value_heads is None:
+            return self.num_key_value_heads
+        return self.num_global_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("global_head_dim")
+        d.pop("num_global_key_value_heads")
+        # transformers 5.x stores the full-attention overrides per layer index
+        d["per_layer_config"] = {
+            str(i): {"head_dim": self.layer_head_dim(i), "num_key_value_heads": self.layer_kv_heads(i)}
+            for i in range(self.num_hidden_layers)
+            if not self.is_sliding(i)
+        }
+        d["model_type"] = "diffusion_gemma_text"
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "TextConfig":
+        d = dict(d)
+        mt = d.pop("model_type", "diffusion_gemma_text")
+        if mt != "diffusion_gemma_text":
+            raise ConfigError(f"text_config.model_type is {mt!r}, expected 'diffusion_gemma_text'")
+        per_layer = d.pop("per_layer_config", None) or {}
+        kwargs = {k: v for k, v in d.items() if k in _TEXT_FIELDS}
+        if "layer_types" in kwargs and "num_hidden_layers" not in kwargs:
+            kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
+        for override in per_layer.values():  # every full layer carries the same override
+            if "head_dim" in override:
+                kwargs["global_head_dim"] = override["head_dim"]
+            kwargs["num_global_key_value_heads"] = override.get("num_key_value_heads")
+        kwargs.setdefault("num_global_key_value_heads", None)
+        if kwargs.get("rope_parameters") is None:
+            kwargs.pop("rope_parameters", None)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"bad text_config: {e}") from e
+
+
+_TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
+
+
+@dataclass
+class DiffusionGemmaConfig:
+    """The whole model (`config.json`, `model_type: diffusion_gemma`)."""
+
+    text_config: TextConfig = field(default_factory=TextConfig)
+    canvas_length: int = 256
+    vision_config: dict[str, Any] | None = None  # kept verbatim; the vision tower is not run yet
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    image_token_id: int = 258_880
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.canvas_length < 1:
+            raise ConfigError(f"canvas_length must be >= 1, got {self.canvas_length}")
+        if not self.tie_word_embeddings:
+            raise ConfigError("tie_word_embeddings=False (untied encoder/decoder) is not supported")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "architectures": ["DiffusionGemmaForBlockDiffusion"],
+            "model_type": "diffusion_gemma",
+            "text_config": self.text_config.to_hf_dict(),
+            "canvas_length": self.canvas_length,
+            "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id,
+            "image_token_id": self.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+        }
+        if self.vision_config is not None:
+            d["vision_config"] = self.vision_config
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "DiffusionGemmaConfig":
+        mt = d.get("model_type")
+        if mt != "diffusion_gemma":
+            raise ConfigError(f"config model_type is {mt!r}: not a DiffusionGemma checkpoint (expected 'diffusion_gemma')")
+        text = TextConfig.from_hf_dict(d.get("text_config") or {})
+        keys = ("canvas_length", "boi_token_id", "eoi_token_id", "image_token_id", "tie_word_embeddings",
+                "initializer_range")
+        kwargs = {k: d[k] for k in keys if d.get(k) is not None}
+        return cls(text_config=text, vision_config=d.get("vision_config"), **kwargs)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DiffusionGemmaConfig":
+        path = Path(directory, "config.json")
+        if not path.is_file():
+            raise ConfigError(f"{path}: no config.json")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        try:
+            return cls.from_hf_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and per-token active parameters of the text model (embedding counted once)."""
+        t = self.text_config
+        h = t.hidden_size
+        attn = dense = 0
+        for i in range(t.num_hidden_layers):
+            d, kv = t.layer_head_dim(i), t.layer_kv_heads(i)
+            n_v = kv * d if t.is_sliding(i) else 0
+            attn += h * t.num_attention_heads * d * 2 + h * kv * d + h * n_v + 2 * d
+            dense += 3 * h * t.intermediate_size + 7 * h + h * t.num_experts + t.num_experts + 1
+        expert = 3 * h * t.moe_intermediate_size
+        experts_total = t.num_hidden_layers * t.num_experts * expert
+        experts_active = t.num_hidden_layers * t.top_k_experts * expert
+        embed = t.vocab_size * h
+        self_cond = 3 * h * t.intermediate_size + h
+        total = embed + attn + dense + experts_total + self_cond + h
+        active = embed + attn + dense + experts_active + self_cond + h
+        return {"total": total, "active": active, "embedding": embed, "experts": experts_total}
+
+
+@dataclass
+class GenerationConfig:
+    """Diffusion sampling settings (`generation_config.json`); defaults are the reference defaults."""
+
+    max_new_tokens: int = 256
+    max_length: int | None = None
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    do_sample: bool = True
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+
+    def validate(self, canvas_length: int | None = None) -> None:
+        def positive_int(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+        positive_int("max_denoising_steps", self.max_denoising_steps)
+        positive_int("max_new_tokens", self.max_new_tokens)
+        if self.max_length is not None:
+            positive_int("max_length", self.max_length)
+        if not _is_real(self.entropy_bound) or self.entropy_bound <= 0:
+            raise ConfigError(f"entropy_bound must be a number > 0, got {self.entropy_bound!r}")
+        for name in ("t_min", "t_max"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        if self.t_min > self.t_max:
+            raise ConfigError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.t_max <= 0:
+            raise ConfigError(f"t_max must be > 0, got {self.t_max}")
+        if isinstance(self.stability_threshold, bool) or not isinstance(self.stability_threshold, int) \
+                or self.stability_threshold < 0:
+            raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        if not _is_real(self.confidence_threshold) or self.confidence_threshold <= 0:
+            raise ConfigError(f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
+
+    def updated(self, **overrides: Any) -> "GenerationConfig":
+        """A copy with the non-None overrides applied; unknown names raise."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown generation settings: {sorted(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "max_denoising_steps": self.max_denoising_steps,
+            "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "stability_threshold": self.stability_threshold,
+            "confidence_threshold": self.confidence_threshold,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "return_dict_in_generate": True,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
+        kwargs = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        sampler = d.get("sampler_config")
+        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+            kwargs["entropy_bound"] = sampler["entropy_bound"]
+        return cls(**kwargs)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, "generation_config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path, model_config: DiffusionGemmaConfig) -> "GenerationConfig":
+        """Reads `generation_config.json` if present; token ids fall back to the model config."""
+        path = Path(directory, "generation_config.json")
+        data = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
+
+    @classmethod
+    def for_model(cls, model_config: DiffusionGemmaConfig, **kwargs: Any) -> "GenerationConfig":
+        t = model_config.text_config
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        kwargs.setdefault("eos_token_id", t.eos_token_ids)
+        kwargs.setdefault("pad_token_id", t.pad_token_id)
+        kwargs.setdefault("bos_token_id", t.bos_token_id)
+        return cls(**kwargs)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+def preset(name: str) -> DiffusionGemmaConfig:
+    """`26b-a4b`: google/diffusiongemma-26B-A4B-it; `tiny`: a few layers of both kinds, for tests and demos."""
+    if name == "26b-a4b":
+        return DiffusionGemmaConfig(text_config=TextConfig(), canvas_length=256)
+    if name == "tiny":
+        text = TextConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+            max_position_embeddings=4096, sliding_window=16, num_experts=8, top_k_experts=2,
+            moe_intermediate_size=32, layer_types=[SLIDING, SLIDING, FULL, FULL],
+        )
+        return DiffusionGemmaConfig(text_config=text, canvas_length=32)
+    raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+
+
+PRESETS = ("26b-a4b", "tiny")

@@ -1,0 +1,220 @@
+"""Block-autoregressive canvas generation: the one decoding loop.
+
+For each canvas: encode what is not cached yet (the prompt, then the last committed canvas); start from
+uniform noise (or a caller-given canvas); denoise for up to N steps — decoder pass, temperature, sample,
+entropy-bound acceptance, re-noise the rest, self-condition on the scaled logits, stop early per row
+when stable and confident; commit the argmax canvas; stop rows at EOS. `stream_generate` yields every
+step's draft and every committed canvas; `generate` collects them.
+
+Rows are independent: a row's cache length, positions and (with per-row generators) random numbers
+are its own, so a prompt gives the same tokens alone or in a batch of prompts of other lengths.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ConfigError, GenerationConfig
+from ..model.model import DiffusionGemmaModel
+from ..sampling import CanvasRNG, StableAndConfident, accept_by_entropy, linear_temperature, token_entropy
+from .cache import KVCache
+
+
+@dataclass
+class DenoiseStep:
+    """One denoising pass: the argmax draft and which positions were accepted, per row."""
+
+    canvas_index: int
+    step: int  # 1-based pass number within this canvas
+    draft: torch.Tensor  # [B, C] argmax canvas
+    accepted: torch.Tensor  # [B, C] bool
+    active: torch.Tensor  # [B] rows still denoising after this step
+
+
+@dataclass
+class CanvasCommit:
+    """A finished canvas appended to every row (pad after a row's EOS)."""
+
+    canvas_index: int
+    tokens: torch.Tensor  # [B, C]
+    finished: torch.Tensor  # [B] rows that have produced EOS
+    passes: torch.Tensor  # [B] decoder passes spent on this canvas
+
+
+@dataclass
+class GenerationStats:
+    passes_per_canvas: list[list[int]] = field(default_factory=list)  # per row
+    decoder_passes: list[int] = field(default_factory=list)
+    new_tokens: list[int] = field(default_factory=list)  # non-pad generated tokens per row
+    tokens_per_forward: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    first_canvas_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated tokens per row: canvases, pad after EOS
+    stats: GenerationStats
+
+
+@dataclass
+class CanvasSpec:
+    """Caller-given starting canvas for the first canvas. `fixed` positions keep their token: never
+    re-noised, always committed (infilling, templates)."""
+
+    tokens: torch.Tensor  # [B, C]
+    fixed: torch.Tensor | None = None  # [B, C] bool
+
+
+def context_length_needed(prompt_lengths: Sequence[int], n_canvases: int, canvas_length: int) -> int:
+    return max(prompt_lengths) + n_canvases * canvas_length
+
+
+def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+              n_canvases: int, start: CanvasSpec | None) -> None:
+    gen.validate()
+    text, c = model.text, model.config.canvas_length
+    if not prompts:
+        raise ConfigError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+        bad = [t for t in p if not 0 <= t < text.vocab_size]
+        if bad:
+            raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {text.vocab_size}): {bad[:5]}")
+    need = context_length_needed([len(p) for p in prompts], n_canvases, c)
+    if need > text.max_position_embeddings:
+        raise ConfigError(f"prompt ({max(len(p) for p in prompts)} tokens) + {n_canvases} canvas(es) of {c} tokens "
+                          f"= {need} tokens exceeds the model context of {text.max_position_embeddings}")
+    if start is not None:
+        want = (len(prompts), c)
+        if tuple(start.tokens.shape) != want:
+            raise ConfigError(f"starting canvas has shape {list(start.tokens.shape)}, expected {list(want)}")
+        if start.fixed is not None and tuple(start.fixed.shape) != want:
+            raise ConfigError(f"fixed-position mask has shape {list(start.fixed.shape)}, expected {list(want)}")
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        valid[i, :len(r)] = True
+    return tokens, valid
+
+
+def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens after a row's first EOS become pad; returns (tokens, row has EOS)."""
+    is_eos = torch.isin(tokens, eos)
+    seen = is_eos.cumsum(dim=-1)
+    after = (seen > 0) & ~((seen == 1) & is_eos)
+    return tokens.masked_fill(after, pad), is_eos.any(dim=-1)
+
+
+@torch.inference_mode()
+def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+                    generators: list[torch.Generator | None] | None = None,
+                    start: CanvasSpec | None = None) -> Iterator[DenoiseStep | CanvasCommit | GenerationResult]:
+    """Yields a `DenoiseStep` per decoder pass, a `CanvasCommit` per canvas, and finally a `GenerationResult`.
+
+    `generators=None` draws from torch's global generator in the reference order; a list gives each row
+    its own generator (batch-invariant tokens).
+    """
+    t0 = time.perf_counter()
+    c, vocab, device = model.config.canvas_length, model.text.vocab_size, model.device
+    n_canvases = math.ceil(gen.max_new_tokens / c)
+    _validate(model, prompts, gen, n_canvases, start)
+    b = len(prompts)
+    rng = CanvasRNG(generators)
+    stopper = StableAndConfident(gen.stability_threshold, gen.confidence_threshold)
+    eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
+    pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
+    cache = KVCache(model.text, b, max(len(p) for p in prompts) + (n_canvases - 1) * c, c, model.dtype, device)
+    pending, valid = _right_pad(prompts, pad, device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    total_passes = torch.zeros(b, dtype=torch.long, device=device)
+    stats = GenerationStats(passes_per_canvas=[[] for _ in range(b)])
+    committed: list[torch.Tensor] = []
+    fixed = fixed_tokens = None
+    if start is not None and start.fixed is not None and start.fixed.any():
+        fixed, fixed_tokens = start.fixed.to(device), start.tokens.to(device)
+
+    for ci in range(n_canvases):
+        model.encode(pending, cache, valid)
+        canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
+        if ci == 0 and start is not None:
+            canvas = start.tokens.to(device)
+        if ci > 0:
+            fixed = None
+        draft, self_cond, passes = canvas, None, torch.zeros(b, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        stopper.reset()
+        for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
+            passes += ~(done | finished)
+            logits = model.denoise(canvas, cache, self_cond)
+            scaled = logits / linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
+            new_draft = scaled.argmax(dim=-1)
+            if gen.do_sample:
+                sampled = rng.sample(torch.softmax(scaled, dim=-1, dtype=torch.float32))
+            else:
+                sampled = new_draft
+            entropy = token_entropy(scaled)
+            if fixed is not None:
+                entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
+                sampled = torch.where(fixed, fixed_tokens, sampled)
+                new_draft = torch.where(fixed, fixed_tokens, new_draft)
+            accepted = accept_by_entropy(entropy, gen.entropy_bound)
+            kept = torch.where(accepted, sampled, canvas)
+            new_canvas = torch.where(accepted, kept, rng.tokens(b, c, vocab, device))
+            if fixed is not None:
+                new_canvas = torch.where(fixed, fixed_tokens, new_canvas)
+                free = (~fixed).sum(-1).clamp(min=1)
+                mean_entropy = entropy.sum(-1) / free
+            else:
+                mean_entropy = entropy.mean(dim=-1)
+            if done.any():  # rows that already stopped keep their state
+                new_draft = torch.where(done[:, None], draft, new_draft)
+                new_canvas = torch.where(done[:, None], canvas, new_canvas)
+                scaled = torch.where(done[:, None, None], self_cond, scaled)
+                mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
+            done |= stopper(new_draft, mean_entropy)
+            canvas, draft, self_cond = new_canvas, new_draft, scaled
+            yield DenoiseStep(ci, step, draft, accepted, ~(done | finished))
+            if bool(done.all()):
+                break
+
+        tokens = draft.masked_fill(finished[:, None], pad)
+        tokens, has_eos = _pad_after_eos(tokens, eos, pad)
+        finished |= has_eos
+        total_passes += passes
+        for r in range(b):
+            stats.passes_per_canvas[r].append(int(passes[r]))
+        committed.append(tokens)
+        if ci == 0:
+            stats.first_canvas_s = time.perf_counter() - t0
+        yield CanvasCommit(ci, tokens, finished.clone(), passes)
+        if bool(finished.all()):
+            break
+        pending, valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+    out = torch.cat(committed, dim=1)
+    stats.new_tokens = (out != pad).sum(dim=1).tolist()
+    stats.decoder_passes = total_passes.tolist()
+    stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
+    stats.wall_time_s = time.perf_counter() - t0
+    yield GenerationResult(out.tolist(), stats)
+
+
+def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+             generators: list[torch.Generator | None] | None = None,
+             start: CanvasSpec | None = None) -> GenerationResult:
+    result = None
+    for event in stream_generate(model, prompts, gen, generators, start):
+        result = event
+    return result

@@ -1,0 +1,193 @@
+"""Building blocks of the Gemma 4 MoE layer: norms, RoPE, attention projections, dense MLP, router, experts.
+
+Notable: attention scaling is 1.0 (the scale lives in the per-head `q_norm`/`k_norm`); full-attention
+layers have no `v_proj` (values are the normed keys before RoPE); full layers use *proportional* RoPE
+(only the first `partial_rotary_factor` of the frequencies rotate, the rest are identity); every layer
+runs a dense gated-GELU MLP and a top-k mixture of experts side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32; `with_scale=False` is the scale-free variant (values, router, self-cond)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        # pow(-0.5) rather than rsqrt: matches the reference bit for bit
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def rope_inv_freq(config: TextConfig, layer_type: str, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies of length head_dim/2. Proportional RoPE zero-pads the non-rotated part."""
+    params = config.rope_parameters[layer_type]
+    base = params["rope_theta"]
+    factor = params.get("partial_rotary_factor", 1.0)
+    if params.get("rope_type", "default") == "proportional":
+        angles = int(factor * head_dim // 2)
+        rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+        return inv / params.get("factor", 1.0)
+    dim = int(head_dim * factor)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [B, T, 1, head_dim] for integer positions [B, T]."""
+    freqs = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class AttentionProjections(nn.Module):
+    """q/k/v/o projections and per-head norms of one layer. The attention itself lives in the model,
+    which knows whether this is an encoder (causal, cache write) or decoder (bidirectional) pass."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        h, nq = config.hidden_size, config.num_attention_heads
+        self.head_dim = config.layer_head_dim(layer)
+        self.num_kv_heads = config.layer_kv_heads(layer)
+        self.num_heads = nq
+        self.q_proj = nn.Linear(h, nq * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        # full-attention layers reuse the key projection as values ("k_eq_v")
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False) if config.is_sliding(layer) else None
+        self.o_proj = nn.Linear(nq * self.head_dim, h, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, H] -> q [B, nq, T, D], k and v [B, nkv, T, D] (RoPE applied to q and k)."""
+        b, t, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw)
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class GatedMLP(nn.Module):
+    """down(gelu_tanh(gate(x)) * up(x)): the dense feed-forward path and the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scale-free RMSNorm * scale * hidden^-0.5 -> linear -> softmax over all experts -> top-k, renormalised."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.top_k = config.top_k_experts
+        self.root_size = config.hidden_size ** -0.5
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (weights [N, k], expert ids [N, k])."""
+        scores = self.proj(self.norm(x) * self.scale * self.root_size)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    """The expert weights as 3-D tensors (HF layout). Tokens are grouped by expert: one matmul pair per
+    expert that received tokens, never a Python loop over tokens."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        e, h, d = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * d, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, d))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        n, k = ids.shape
+        # slot-major order (all first choices, then all second choices...) grouped by expert: the same
+        # row order and per-token accumulation order (ascending expert) as the reference
+        flat_ids = ids.t().reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        token = order % n
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        routed = x[token]
+        out = torch.empty_like(routed)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = routed[start:start + count]
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[start:start + count] = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+            start += count
+        out = out * weights.t().reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+class Block(nn.Module):
+    """One transformer layer; `attend` is supplied by the caller (encoder or decoder attention)."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = AttentionProjections(config, layer)
+        self.mlp = GatedMLP(h, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # HF keeps one scalar per stack (buffers are not tied); checkpoints may store different values
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("decoder_layer_scalar", torch.ones(1))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).reshape(x.shape)
+        return self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+
+    def forward(self, x: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(attend(self.self_attn, self.input_layernorm(x)))
+        x = x + self.feed_forward(x)
+        return x * (self.decoder_layer_scalar if decoder else self.layer_scalar)

@@ -1,0 +1,172 @@
+"""The DiffusionGemma text model: one stack of layers used twice.
+
+- `encode` runs the stack *causally* over new tokens (prompt, or a committed canvas) and writes their
+  keys/values into the KV cache. Its logits are a plain autoregressive LM over the same weights.
+- `denoise` runs the same stack *bidirectionally* over a canvas whose queries see `[cache ; canvas]`;
+  it reads the cache and never writes it. Canvas positions continue after each row's cache.
+
+The only link between the two passes is the cache. Self-conditioning (decoder only) turns the previous
+step's scaled logits into soft embeddings that are mixed into the canvas embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, SLIDING, DiffusionGemmaConfig
+from ..engine.cache import KVCache
+from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
+
+
+class SelfConditioning(nn.Module):
+    """post_norm(canvas_embeddings + MLP(pre_norm(soft_embeddings)))."""
+
+    def __init__(self, hidden: int, intermediate: int, eps: float):
+        super().__init__()
+        self.pre_norm = RMSNorm(hidden, eps)
+        self.post_norm = RMSNorm(hidden, eps, with_scale=False)
+        self.mlp = GatedMLP(hidden, intermediate)
+
+    def forward(self, embeddings: torch.Tensor, soft_embeddings: torch.Tensor | None) -> torch.Tensor:
+        if soft_embeddings is None:  # first step: the MLP of zeros is exactly zero
+            return self.post_norm(embeddings)
+        return self.post_norm(embeddings + self.mlp(self.pre_norm(soft_embeddings)))
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, config: DiffusionGemmaConfig):
+        super().__init__()
+        self.config = config
+        t = self.text = config.text_config
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size, padding_idx=t.pad_token_id)
+        self.layers = nn.ModuleList(Block(t, i) for i in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(t.hidden_size, t.intermediate_size, t.rms_norm_eps)
+        self.init_rope()
+        # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
+        self.extra_tensors: dict[str, torch.Tensor] = {}
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE tables; needed after building the model on the meta device."""
+        t = self.text
+        device = self.embed_tokens.weight.device
+        device = torch.device("cpu") if device.type == "meta" else device
+        for kind in (SLIDING, FULL):
+            if kind in t.layer_types:
+                head_dim = t.layer_head_dim(t.layer_types.index(kind))
+                with torch.device(device):
+                    self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(t, kind, head_dim), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        # the reference rounds sqrt(hidden) to the weight dtype (55.4 -> 55.5 in bf16)
+        return torch.tensor(self.text.hidden_size ** 0.5, dtype=torch.float32).to(dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale(self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head, fp32, soft-capped."""
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.text.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits) @ E * sqrt(hidden): the expected embedding under the previous prediction."""
+        w = self.embed_tokens.weight
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
+        return torch.matmul(probs, w) * self.embed_scale(w.dtype)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, dtype)
+                for kind in set(self.text.layer_types)}
+
+    # -- passes ----------------------------------------------------------------------------------
+    def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache.
+
+        Token t of row b sits at position `cache.lengths[b] + t`. Returns the final normed hidden states.
+        """
+        b, t = tokens.shape
+        valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        cache.check_room(valid.sum(dim=1))
+        positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
+        x = self.embed(tokens)
+        rope = self._rope(positions, x.dtype)
+        slots = {kind: cache.write_slots(kind, positions, valid) for kind in cache.slot_pos}
+        masks = {}
+        for kind in cache.slot_pos:
+            used = cache.used(kind)
+            # padding tokens keep their (unused) positions: real queries never see them, being causal
+            kpos = torch.cat([cache.slot_pos[kind][:, :used], positions], dim=1)
+            mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= positions[:, :, None])
+            if kind == SLIDING:
+                mask &= kpos[:, None, :] > positions[:, :, None] - cache.window
+            masks[kind] = (used, mask[:, None])
+
+        for i, layer in enumerate(self.layers):
+            kind = self.text.layer_types[i]
+            used, mask = masks[kind]
+            cos, sin = rope[kind]
+
+            def attend(proj, h, i=i, used=used, mask=mask, cos=cos, sin=sin, kind=kind):
+                q, k, v = proj.qkv(h, cos, sin)
+                keys = torch.cat([cache.k[i][:, :, :used], k], dim=2)
+                values = torch.cat([cache.v[i][:, :, :used], v], dim=2)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
+                cache.write(i, k, v, slots[kind])
+                return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+            x = layer(x, attend, decoder=False)
+        cache.commit(slots, positions, valid)
+        return self.norm(x)
+
+    def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
+                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional pass over `canvas` [B, C] reading the cache; returns fp32 logits [B, C, V].
+
+        `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
+        `self_cond_mask` [B] zeroes the signal for some rows (training).
+        """
+        b, c = canvas.shape
+        positions = cache.lengths[:, None] + torch.arange(c, device=canvas.device)
+        x = self.embed(canvas)
+        soft = None
+        if self_cond_logits is not None:
+            soft = self.soft_embeddings(self_cond_logits)
+            if self_cond_mask is not None:
+                soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
+        x = self.self_conditioning(x, soft)
+        rope = self._rope(positions, x.dtype)
+        masks = {}
+        for kind in cache.slot_pos:
+            used = cache.used(kind)
+            keep = torch.cat([cache.slot_pos[kind][:, :used] >= 0,
+                              torch.ones(b, c, dtype=torch.bool, device=canvas.device)], dim=1)
+            masks[kind] = (used, keep[:, None, None, :])
+
+        for i, layer in enumerate(self.layers):
+            kind = self.text.layer_types[i]
+            used, mask = masks[kind]
+            cos, sin = rope[kind]
+
+            def attend(proj, h, i=i, used=used, mask=mask, cos=cos, sin=sin):
+                q, k, v = proj.qkv(h, cos, sin)
+                cache.k[i][:, :, used:used + c] = k  # canvas keys go to the scratch tail: no copy of the cache
+                cache.v[i][:, :, used:used + c] = v
+                keys, values = cache.k[i][:, :, :used + c], cache.v[i][:, :, :used + c]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
+                return proj.o_proj(out.transpose(1, 2).reshape(b, c, -1))
+
+            x = layer(x, attend, decoder=True)
+        return self.logits(self.norm(x))

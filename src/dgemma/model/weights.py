@@ -1,0 +1,176 @@
+"""Checkpoint I/O in the Hugging Face layout (safetensors, single file or sharded with an index).
+
+HF names are converted at load time. The encoder and decoder share their weights, so a checkpoint may
+store a tied tensor under the encoder name, the decoder name, or both; the first one found is read and
+the others are skipped unread. The model is built on the meta device and each tensor is placed as it is
+read, so peak memory is about one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import DiffusionGemmaConfig
+from .model import DiffusionGemmaModel
+
+ENC = "model.encoder.language_model."
+DEC = "model.decoder."
+EXTRA_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, unexpected, mis-shaped or unreadable tensors."""
+
+
+def hf_sources(name: str) -> list[str]:
+    """HF checkpoint names that can hold dgemma parameter `name`, in order of preference."""
+    if name == "embed_tokens.weight":
+        return [DEC + name, ENC + name, "lm_head.weight"]
+    if name == "norm.weight":
+        return [DEC + name, ENC + name]
+    if name.startswith("self_conditioning."):
+        return [DEC + name.replace(".mlp.", ".")]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m is None:
+        raise KeyError(name)
+    i, rest = m.groups()
+    if rest == "layer_scalar":
+        return [f"{ENC}layers.{i}.layer_scalar", f"{DEC}layers.{i}.layer_scalar"]
+    if rest == "decoder_layer_scalar":
+        return [f"{DEC}layers.{i}.layer_scalar", f"{ENC}layers.{i}.layer_scalar"]
+    return [f"{DEC}layers.{i}.{rest}", f"{ENC}layers.{i}.{rest}"]
+
+
+def hf_save_name(name: str) -> str:
+    """The name transformers itself writes: tied tensors under the decoder, encoder scalars apart."""
+    m = re.fullmatch(r"layers\.(\d+)\.layer_scalar", name)
+    return f"{ENC}{name}" if m else hf_sources(name)[0]
+
+
+class _Reader:
+    """Lazy access to the tensors of one checkpoint directory."""
+
+    def __init__(self, directory: Path):
+        index = directory / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+            self.where = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / SINGLE).is_file():
+            self.where = {}
+            for name in self._open(directory / SINGLE).keys():
+                self.where[name] = directory / SINGLE
+        else:
+            raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX}")
+        self._files: dict[Path, object] = {}
+
+    def _open(self, path: Path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
+
+    def _file(self, name: str):
+        path = self.where[name]
+        if path not in self._files:
+            self._files[path] = self._open(path)
+        return self._files[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._file(name).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.where[name]}: cannot read tensor {name!r} ({e})") from e
+
+
+def load_weights(directory: str | Path, config: DiffusionGemmaConfig, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> DiffusionGemmaModel:
+    directory = Path(directory)
+    reader = _Reader(directory)
+    with torch.device("meta"):
+        model = DiffusionGemmaModel(config)
+    expected = dict(model.state_dict())
+    used: set[str] = set()
+    missing, mismatched = [], []
+    for name, meta in expected.items():
+        sources = [s for s in hf_sources(name) if s in reader.where]
+        used.update(sources)
+        if not sources:
+            missing.append(hf_sources(name)[0])
+            continue
+        shape = reader.shape(sources[0])
+        if shape != tuple(meta.shape):
+            mismatched.append(f"{sources[0]}: checkpoint {list(shape)}, model expects {list(meta.shape)}")
+            continue
+        _place(model, name, reader.get(sources[0]).to(device=device, dtype=dtype))
+    extras = [n for n in reader.where if n.startswith(EXTRA_PREFIXES)]
+    unexpected = sorted(set(reader.where) - used - set(extras))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if mismatched:
+        problems.append("mis-shaped tensors: " + "; ".join(mismatched[:8]))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:8])}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    if problems:
+        raise CheckpointError(f"{directory}: checkpoint does not match config.json: " + " | ".join(problems))
+    for name in extras:
+        model.extra_tensors[name] = reader.get(name)
+    model.init_rope()
+    return model.eval().requires_grad_(False)
+
+
+def _place(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def hf_state_dict(model: DiffusionGemmaModel) -> dict[str, torch.Tensor]:
+    sd = {hf_save_name(name): t for name, t in model.state_dict().items()}
+    sd.update(model.extra_tensors)
+    return sd
+
+
+def save_weights(model: DiffusionGemmaModel, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model.safetensors`, or shards plus `model.safetensors.index.json` when larger than one shard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for name, tensor in hf_state_dict(model).items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,285 @@
+"""Tokenizer and chat layer: Gemma 4 vocabulary, chat template, streaming detokenizer, reasoning split.
+
+DiffusionGemma uses the Gemma 4 tokenizer and turn format. What the default template
+(`templates/gemma4_chat.jinja`) renders, piece by piece::
+
+    <bos>
+    <|turn>system\\n<|think|>\\n{system}<turn|>\\n   only when thinking is on or there is a system message;
+                                                  `<|think|>\\n` only when thinking is on
+    <|turn>user\\n{text}<turn|>\\n
+    <|turn>model\\n{answer}<turn|>\\n               history; thinking channels are stripped from answers
+    <|turn>model\\n                                generation prompt, thinking on
+    <|turn>model\\n<|channel>thought\\n<channel|>   generation prompt, thinking off (an empty thought channel)
+
+Message text is trimmed. With thinking on the model writes `<|channel>thought\\n{reasoning}<channel|>`
+before its answer, and it ends its turn with `<turn|>`.
+
+Sources this was checked against:
+- huggingface/transformers `tests/models/diffusion_gemma/test_modeling_diffusion_gemma.py`
+  (`test_diffusion_gemma_chat_template[_with_thinking]`): the exact prompts google/diffusiongemma-26B-A4B-it
+  renders for one user message, thinking off and on (ids 2 `<bos>`, 105 `<|turn>`, 106 `<turn|>`,
+  98 `<|think|>`, 100 `<|channel>`, 101 `<channel|>`).
+- Google's "Gemma 4 prompt formatting" (ai.google.dev/gemma/docs/core/prompt-formatting-gemma4): the control
+  tokens, `<|think|>` in the system turn, reasoning in `<|channel>thought ... <channel|>`, no thoughts in history.
+- Gemma 4 26B/31B `chat_template.jinja` (copy in ollama/ollama
+  `model/renderers/testdata/gemma4_31b_chat_template.jinja2`): system-turn layout, `trim` of contents,
+  thought stripping on history, the empty thought channel on the generation prompt when thinking is off.
+- transformers `cli/serving/utils.py` (gemma4 response template): reasoning between `<|channel>thought\\n`
+  and `<channel|>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import jinja2.ext
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _Backend
+
+BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+TURN_START, TURN_END = "<|turn>", "<turn|>"
+THINK = "<|think|>"
+CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
+THOUGHT_LABEL = "thought\n"  # follows CHANNEL_START when the channel holds reasoning
+
+_REPLACEMENT_CHAR = "\ufffd"
+_CHANNEL_MARKERS = re.compile(f"({re.escape(CHANNEL_START)}|{re.escape(CHANNEL_END)})")
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _template_env() -> ImmutableSandboxedEnvironment:
+    """The Jinja environment Hugging Face renders chat templates in (so checkpoint templates work unchanged)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read {path}: {exc}") from exc
+
+
+def _token_name(entry: str | dict[str, Any] | None, default: str) -> str:
+    """A special token from tokenizer_config.json: a string, an AddedToken dict, or absent."""
+    if isinstance(entry, dict):
+        return entry["content"]
+    return entry or default
+
+
+def _find_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str:
+    """`chat_template.jinja`, else tokenizer_config.json's `chat_template`, else the packaged Gemma 4 template."""
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    if template:
+        return template
+    return files("dgemma").joinpath("templates/gemma4_chat.jinja").read_text(encoding="utf-8")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with Gemma 4's special-token ids and a chat template."""
+
+    def __init__(self, backend: _Backend, chat_template: str, *,
+                 bos_token: str = BOS, eos_token: str = EOS, pad_token: str = PAD) -> None:
+        self._backend = backend
+        self.chat_template = chat_template
+        self._template = _template_env().from_string(chat_template)
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self._bos_id = self._require_id(bos_token)
+        self._eos_id = self._require_id(eos_token)
+        self._pad_id = self._require_id(pad_token)
+        stops = [self._eos_id] + [backend.token_to_id(t) for t in (EOS, TURN_END)]
+        self._stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load `tokenizer.json` (and the chat template, special-token names) from a model directory."""
+        model_dir = Path(path)
+        tokenizer_file = model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir} (expected {tokenizer_file})")
+        try:
+            backend = _Backend.from_file(str(tokenizer_file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception on malformed files
+            raise ValueError(f"could not load tokenizer from {tokenizer_file}: {exc}") from exc
+        config_file = model_dir / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        return cls(
+            backend,
+            _find_chat_template(model_dir, config),
+            bos_token=_token_name(config.get("bos_token"), BOS),
+            eos_token=_token_name(config.get("eos_token"), EOS),
+            pad_token=_token_name(config.get("pad_token"), PAD),
+        )
+
+    def _require_id(self, token: str) -> int:
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the tokenizer vocabulary")
+        return token_id
+
+    @property
+    def backend(self) -> _Backend:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, added tokens included (the model's embedding table may be larger)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generation: eos, plus `<eos>` and the end-of-turn `<turn|>` where the vocabulary has them."""
+        return self._stop_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; special-token strings in it (`<|turn>`, ...) become their ids."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        return [self._bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @overload
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = ...,
+                            enable_thinking: bool = ..., tokenize: Literal[False] = ...,
+                            **template_kwargs: Any) -> str: ...
+
+    @overload
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = ...,
+                            enable_thinking: bool = ..., *, tokenize: Literal[True],
+                            **template_kwargs: Any) -> list[int]: ...
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            enable_thinking: bool = False, tokenize: bool = False,
+                            **template_kwargs: Any) -> str | list[int]:
+        """Render `messages` ({"role", "content"} dicts) to a prompt string, or to ids with `tokenize=True`.
+
+        The rendered prompt already starts with `<bos>`, so it is tokenized without adding another.
+        Extra keyword arguments (e.g. `tools`) are passed to the template. Raises `jinja2.TemplateError`
+        for conversations the template rejects.
+        """
+        text = self._template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            pad_token=self.pad_token,
+            **template_kwargs,
+        )
+        return self.encode(text, add_bos=False) if tokenize else text
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """Split generated text into (reasoning, content).
+
+    Reasoning is the text inside `<|channel>thought\\n ... <channel|>` blocks (joined by newlines; an unclosed
+    block from a truncated generation runs to the end, and text before a `<channel|>` that has no opening
+    marker counts as reasoning, for prompts that open the channel themselves). Content is everything else.
+    Both are stripped. Decode with special tokens kept, or the markers are gone.
+    """
+    parts = _CHANNEL_MARKERS.split(text)  # text, marker, text, marker, ..., text
+    in_channel = len(parts) > 1 and parts[1] == CHANNEL_END
+    reasoning: list[str] = []
+    content: list[str] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            in_channel = part == CHANNEL_START
+        elif in_channel:
+            reasoning.append(part.removeprefix(THOUGHT_LABEL).strip())
+        else:
+            content.append(part)
+    return "\n".join(r for r in reasoning if r), "".join(content).strip()
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces whose concatenation is `decode(all_ids)`.
+
+    Never splits a UTF-8 character: text ending in U+FFFD (an incomplete character) is held back, and so is a
+    trailing run of byte-fallback tokens (`<0xE2>` ...), which the tokenizer decodes as one unit. Each call
+    decodes only a small window: the tokens of the last emitted piece (for context) and the pending ones.
+    Call `flush()` at the end of the stream; it returns what is still held and resets the decoder.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        backend = tokenizer.backend
+        self._backend = backend
+        self._byte_ids = frozenset(
+            i for b in range(256) if (i := backend.token_to_id(f"<0x{b:02X}>")) is not None
+        )
+        self._skipped_ids = frozenset(
+            i for i, t in backend.get_added_tokens_decoder().items() if t.special
+        ) if skip_special_tokens else frozenset()
+        self._ids: list[int] = []  # window: the last emitted piece's tokens, then the pending ones
+        self._read = 0  # window index of the first token not yet emitted
+
+    def _text(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=False)  # skipped ids never enter the window
+
+    def add(self, ids: Iterable[int]) -> str:
+        """Feed new token ids; return the text they complete (possibly "")."""
+        self._ids.extend(i for i in map(int, ids) if i not in self._skipped_ids)
+        end = len(self._ids)
+        while end > self._read and self._ids[end - 1] in self._byte_ids:
+            end -= 1
+        if end == self._read:
+            return ""
+        prefix = self._text(self._ids[: self._read])
+        text = self._text(self._ids[:end])
+        if len(text) <= len(prefix) or text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        del self._ids[: self._read]
+        self._read = end - self._read
+        return text[len(prefix):]
+
+    def flush(self) -> str:
+        """Return all text still held back (incomplete characters included, as `decode` renders them)."""
+        prefix = self._text(self._ids[: self._read])
+        text = self._text(self._ids)
+        self._ids.clear()
+        self._read = 0
+        return text[len(prefix):]
