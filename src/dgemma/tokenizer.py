@@ -45,8 +45,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
-TURN_START, TURN_END = "<|turn>", "<turn|>"
-THINK = "<|think|>"
+TURN_END = "<turn|>"
 CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
 THOUGHT_LABEL = "thought\n"  # follows CHANNEL_START when the channel holds reasoning
 
@@ -283,3 +282,27 @@ class IncrementalDetokenizer:
         self._ids.clear()
         self._read = 0
         return text[len(prefix):]
+
+
+# Gemma 4 control tokens at their real ids; a byte tokenizer keeps them there so prompts render alike.
+GEMMA4_SPECIAL_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<|think|>": 98, "<|channel>": 100,
+                      "<channel|>": 101, "<|turn>": 105, "<turn|>": 106}
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A 512-token byte-level tokenizer: Gemma 4's special tokens at their ids, byte b at id 256 + b.
+
+    For models without a trained vocabulary (random-weight presets): any text encodes, nothing is unknown.
+    """
+    from tokenizers import AddedToken, decoders, models
+
+    vocab = {f"<unused{i}>": i for i in range(256)}
+    for name, i in GEMMA4_SPECIAL_IDS.items():
+        del vocab[f"<unused{i}>"]
+        vocab[name] = i
+    vocab.update({f"<0x{b:02X}>": 256 + b for b in range(256)})
+    backend = _Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens([AddedToken(name, special=True) for name in GEMMA4_SPECIAL_IDS])
+    template = files("dgemma").joinpath("templates/gemma4_chat.jinja").read_text()
+    return Tokenizer(backend, template)

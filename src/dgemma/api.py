@@ -1,0 +1,188 @@
+"""The user-facing model object, shaped like transformers' `DiffusionGemmaForBlockDiffusion`.
+
+    model = dgemma.DiffusionGemma.from_pretrained("path/to/checkpoint")        # or a preset: "tiny"
+    out = model.generate(input_ids=ids, max_new_tokens=256)                     # out.sequences, out.tokens_per_forward
+
+`generate` takes the reference's arguments with the same meanings and defaults; after the same
+`torch.manual_seed` it returns the same tokens as transformers. Passing `seed` gives each row its own
+random stream instead, so a row's tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .engine.autoregressive import generate_ar
+from .engine.generate import CanvasSpec, GenerationStats, stream_generate
+from .model.model import DiffusionGemmaModel
+from .model.weights import load_weights, save_weights
+from .tokenizer import Tokenizer, byte_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt + generated], the prompt as given (padding included)
+    tokens_per_forward: torch.Tensor  # [B] non-pad generated tokens / decoder passes
+    stats: GenerationStats
+
+
+def init_weights(model: DiffusionGemmaModel, seed: int = 0) -> DiffusionGemmaModel:
+    """Random weights as transformers initialises them: normal(0, initializer_range), norms and scales one."""
+    g = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids
+    else:
+        rows = [list(r) for r in input_ids]
+        if len({len(r) for r in rows}) > 1:
+            raise ConfigError("input_ids rows have different lengths: pad them and pass attention_mask")
+        ids = torch.tensor(rows, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ConfigError(f"input_ids must be [batch, length], got shape {list(ids.shape)}")
+    if attention_mask is None:
+        return ids.tolist(), ids
+    mask = torch.as_tensor(attention_mask).bool()
+    if mask.shape != ids.shape:
+        raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
+    return [row[m].tolist() for row, m in zip(ids, mask)], ids
+
+
+class DiffusionGemma:
+    def __init__(self, model: DiffusionGemmaModel, generation_config: GenerationConfig,
+                 tokenizer: Tokenizer | None = None):
+        self.model = model
+        self.generation_config = generation_config
+        self.tokenizer = tokenizer
+
+    @property
+    def config(self) -> DiffusionGemmaConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: DiffusionGemmaConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "DiffusionGemma":
+        """A model with random weights (timing, tests); the tokenizer is the byte-level fallback."""
+        model = init_weights(DiffusionGemmaModel(config), seed).to(device=device, dtype=dtype).eval()
+        model.requires_grad_(False)
+        tok = byte_tokenizer() if config.text_config.vocab_size >= 512 else None
+        return cls(model, GenerationConfig.for_model(config), tok)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu") -> "DiffusionGemma":
+        """Load a checkpoint directory (HF layout), or build a preset (`tiny`, `26b-a4b`) with random weights."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        directory = Path(path)
+        if not directory.exists():
+            if str(path) in PRESETS:
+                log.warning("preset %r: random weights, not a trained model", path)
+                return cls.from_config(preset(str(path)), dtype=dtype, device=device)
+            raise FileNotFoundError(f"{path}: no such model directory (known presets: {', '.join(PRESETS)})")
+        config = DiffusionGemmaConfig.load(directory)
+        model = load_weights(directory, config, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
+        return cls(model, GenerationConfig.load(directory, config), tokenizer)
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.save(path)
+        self.generation_config.save(path)
+        save_weights(self.model, path, max_shard_bytes)
+        if self.tokenizer is not None:
+            self.tokenizer.backend.save(str(path / "tokenizer.json"))
+            (path / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+
+    # -- generation ------------------------------------------------------------------------------
+    def _generation_config(self, generation_config: GenerationConfig | None, prompt_len: int,
+                           kwargs: dict) -> GenerationConfig:
+        steps = kwargs.pop("num_diffusion_steps", None)
+        if steps is not None:
+            if kwargs.get("max_denoising_steps") not in (None, steps):
+                raise ConfigError("num_diffusion_steps and max_denoising_steps disagree; pass one of them")
+            kwargs["max_denoising_steps"] = steps
+        gen = (generation_config or self.generation_config).updated(**kwargs)
+        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
+            # as in transformers: max_length counts the prompt; max_new_tokens wins when both are given
+            if gen.max_length <= prompt_len:
+                raise ConfigError(f"max_length ({gen.max_length}) leaves no room after the {prompt_len}-token prompt")
+            gen = gen.updated(max_new_tokens=gen.max_length - prompt_len)
+        gen.validate()
+        return gen
+
+    def _generators(self, batch: int, seed, do_sample: bool) -> list[torch.Generator] | None:
+        if seed is None and do_sample:
+            return None
+        seeds = [0 if seed is None else seed] * batch if not isinstance(seed, (list, tuple)) else list(seed)
+        if len(seeds) != batch:
+            raise ConfigError(f"got {len(seeds)} seeds for a batch of {batch}")
+        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def stream_generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                        decoder_input_ids: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
+                        seed: int | Sequence[int] | None = None, **kwargs) -> Iterator:
+        """Yields `DenoiseStep` (each pass's draft and accepted mask), `CanvasCommit` and finally a
+        `GenerationResult`. `decoder_input_ids` [B, C] starts the first canvas; `fixed_mask` [B, C] marks
+        positions whose given token is kept (never re-noised)."""
+        if input_ids is None:
+            raise ConfigError("input_ids is required")
+        prompts, _ = _as_rows(input_ids, attention_mask)
+        gen = self._generation_config(generation_config, max(len(p) for p in prompts), kwargs)
+        start = None
+        if decoder_input_ids is not None:
+            tokens = torch.as_tensor(decoder_input_ids, dtype=torch.long)
+            tokens = tokens[None] if tokens.dim() == 1 else tokens
+            fixed = None if fixed_mask is None else torch.as_tensor(fixed_mask, dtype=torch.bool)
+            start = CanvasSpec(tokens, fixed[None] if fixed is not None and fixed.dim() == 1 else fixed)
+        elif fixed_mask is not None:
+            raise ConfigError("fixed_mask needs decoder_input_ids (the tokens to keep)")
+        yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start)
+
+    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
+                 **kwargs) -> GenerateOutput:
+        """Same arguments and defaults as transformers' `generate` (plus `seed`, `fixed_mask`)."""
+        result = None
+        for result in self.stream_generate(input_ids, attention_mask, generation_config, **kwargs):
+            pass
+        _, ids = _as_rows(input_ids, attention_mask)
+        generated = torch.tensor(result.tokens, dtype=torch.long)
+        sequences = torch.cat([ids.cpu(), generated], dim=1)
+        return GenerateOutput(sequences, torch.tensor(result.stats.tokens_per_forward), result.stats)
+
+    def generate_ar(self, input_ids, attention_mask=None, max_new_tokens: int = 256, temperature: float = 0.0,
+                    seed: int | None = None, eos_token_id: list[int] | None = None) -> GenerateOutput:
+        """Plain autoregressive decoding through the encoder (same weights): the baseline diffusion is measured
+        against. Greedy at temperature 0."""
+        prompts, ids = _as_rows(input_ids, attention_mask)
+        gen = self.generation_config
+        eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+        gens = None if seed is None else self._generators(len(prompts), seed, True)
+        result = generate_ar(self.model, prompts, max_new_tokens, eos or [], gen.pad_token_id, temperature, gens)
+        generated = torch.tensor(result.tokens, dtype=torch.long)
+        return GenerateOutput(torch.cat([ids.cpu(), generated], dim=1),
+                              torch.tensor(result.stats.tokens_per_forward), result.stats)
