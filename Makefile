@@ -1,0 +1,36 @@
+# Quick start: `make demo` (venv + install + generate with the shipped model), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of PyTorch first: an unpinned torch could pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install dev demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+dev: $(VENV)/.dev
+
+demo: install
+	$(VENV)/bin/dgemma generate --model tiny --seed 0 --max-new-tokens 64 --steps 16 "def fibonacci(n):"
+
+test: dev
+	$(PY) -m pytest -q
+
+bench: dev
+	$(PY) benchmarks/decode.py --json
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

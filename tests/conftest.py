@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny DiffusionGemma checkpoints written by transformers' own `save_pretrained`.
+
+Two configurations: `window` (sliding window 8, prompts longer than it) and `multi` (8-token canvases,
+several per request). Each in two weight variants: `random` (as transformers initialises them: near-uniform
+predictions, one token accepted per pass) and `confident` (embeddings scaled up and the residual branches
+damped, so the decoder is sure of itself: several tokens accepted per pass, early stopping, EOS).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TEXT_BASE = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, global_head_dim=32, num_global_key_value_heads=1, num_experts=4, top_k_experts=2,
+    moe_intermediate_size=32, max_position_embeddings=4096, use_bidirectional_attention="vision",
+)
+VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+CONFIGS = {
+    "window": dict(text=dict(sliding_window=8, num_hidden_layers=4,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+                   canvas_length=16),
+    "multi": dict(text=dict(sliding_window=32, num_hidden_layers=3,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+                  canvas_length=8),
+}
+
+
+def build_reference(name: str, variant: str, seed: int = 0):
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    spec = CONFIGS[name]
+    cfg = DiffusionGemmaConfig(text_config={**TEXT_BASE, **spec["text"]}, vision_config=VISION,
+                               canvas_length=spec["canvas_length"])
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    if variant == "confident":
+        with torch.no_grad():
+            model.model.decoder.embed_tokens.weight.mul_(20)
+            for n, p in model.named_parameters():
+                if n.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+                    p.mul_(0.3)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """(name, variant) -> (path, transformers model loaded back from that path)."""
+    pytest.importorskip("transformers")
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    cache = {}
+
+    def get(name: str, variant: str = "random"):
+        key = (name, variant)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{name}-{variant}")
+            build_reference(name, variant).save_pretrained(path)
+            cache[key] = (path, DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval())
+        return cache[key]
+
+    return get

@@ -1,0 +1,149 @@
+"""The engine: cache, batching, streaming, fixed positions, EOS, errors, AR mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dgemma
+from dgemma import CanvasCommit, ConfigError, DenoiseStep, GenerationResult
+from dgemma.config import preset
+from dgemma.engine.cache import KVCache
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0)
+
+
+def prompts_of_lengths(*lengths):
+    g = torch.Generator().manual_seed(0)
+    return [[2] + torch.randint(3, 512, (n - 1,), generator=g).tolist() for n in lengths]
+
+
+def test_batch_of_different_lengths_equals_each_prompt_alone(tiny):
+    prompts = prompts_of_lengths(3, 40, 1, 17)  # around and beyond the 16-token sliding window
+    seeds = [11, 12, 13, 14]
+    mask = torch.zeros(4, 40, dtype=torch.long)
+    ids = torch.zeros(4, 40, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as transformers' tokenizers pad for generation
+        ids[i, 40 - len(p):] = torch.tensor(p)
+        mask[i, 40 - len(p):] = 1
+    batched = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, max_denoising_steps=6, seed=seeds)
+    for i, p in enumerate(prompts):
+        alone = tiny.generate(input_ids=[p], max_new_tokens=64, max_denoising_steps=6, seed=seeds[i])
+        assert batched.sequences[i, 40:].tolist() == alone.sequences[0, len(p):].tolist(), f"row {i}"
+        assert batched.stats.passes_per_canvas[i] == alone.stats.passes_per_canvas[0]
+
+
+def test_same_seed_same_tokens_and_do_sample_false_is_deterministic(tiny):
+    ids = torch.tensor([prompts_of_lengths(5)[0]])
+    a = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, seed=3)
+    b = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, seed=3)
+    c = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, seed=4)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    d = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, do_sample=False)
+    e = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, do_sample=False)
+    assert torch.equal(d.sequences, e.sequences)
+
+
+def test_stream_yields_each_step_and_each_canvas(tiny):
+    events = list(tiny.stream_generate(input_ids=[[2, 7, 9]], max_new_tokens=70, max_denoising_steps=5, seed=0))
+    steps = [e for e in events if isinstance(e, DenoiseStep)]
+    commits = [e for e in events if isinstance(e, CanvasCommit)]
+    assert isinstance(events[-1], GenerationResult)
+    assert len(commits) == 3 and len(steps) == 15  # ceil(70 / 32) canvases, no early stop with random weights
+    assert steps[0].draft.shape == steps[0].accepted.shape == (1, 32)
+    assert [c.canvas_index for c in commits] == [0, 1, 2]
+    assert torch.equal(commits[0].tokens, steps[4].draft)  # the last draft is what gets committed
+    assert events[-1].stats.passes_per_canvas == [[5, 5, 5]]
+    assert events[-1].stats.tokens_per_forward == [96 / 15]
+
+
+def test_fixed_positions_are_never_renoised_and_always_committed(tiny):
+    c = tiny.config.canvas_length
+    start = torch.randint(3, 512, (1, c), generator=torch.Generator().manual_seed(1))
+    fixed = torch.zeros(1, c, dtype=torch.bool)
+    fixed[0, :10] = True
+    fixed[0, 20:] = True  # an infilling hole at 10..19
+    events = list(tiny.stream_generate(input_ids=[[2, 5]], decoder_input_ids=start, fixed_mask=fixed,
+                                       max_new_tokens=c, max_denoising_steps=8, seed=0))
+    for e in events:
+        if isinstance(e, (DenoiseStep, CanvasCommit)):
+            tokens = e.draft if isinstance(e, DenoiseStep) else e.tokens
+            assert torch.equal(tokens[fixed], start[fixed])
+    hole = events[-1].tokens[0][10:20]
+    assert hole != start[0, 10:20].tolist()
+
+
+def test_tokens_after_eos_become_pad_and_rows_stop(tiny):
+    ids = [[2, 5, 6]]
+    free = tiny.generate(input_ids=ids, max_new_tokens=96, max_denoising_steps=3, seed=0)
+    generated = free.sequences[0, 3:].tolist()
+    eos = generated[40]  # pretend this token is EOS: the second canvas ends there
+    first = generated.index(eos)
+    out = tiny.generate(input_ids=ids, max_new_tokens=96, max_denoising_steps=3, seed=0, eos_token_id=[eos])
+    got = out.sequences[0, 3:].tolist()
+    canvas_end = (first // 32 + 1) * 32
+    assert got[:first + 1] == generated[:first + 1]
+    assert got[first + 1:] == [0] * (canvas_end - first - 1)  # pad to the end of that canvas, then stop
+    assert out.stats.new_tokens == [first + 1]
+
+
+def test_chunked_encoding_equals_one_prefill(tiny):
+    """The ring buffer of the sliding layers and the full cache give the same states in any chunking."""
+    m = tiny.model
+    ids = torch.tensor(prompts_of_lengths(45))
+    one = KVCache(m.text, 1, 64, 32)
+    full = m.logits(m.encode(ids, one))
+    chunked = KVCache(m.text, 1, 64, 32)
+    parts = [m.logits(m.encode(ids[:, a:b], chunked)) for a, b in ((0, 7), (7, 8), (8, 30), (30, 45))]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    canvas = torch.randint(0, 512, (1, 32))
+    assert torch.allclose(m.denoise(canvas, one), m.denoise(canvas, chunked), atol=1e-5)
+
+
+def test_ar_mode_is_greedy_decoding_of_the_encoder(tiny):
+    m = tiny.model
+    prompt = prompts_of_lengths(12)[0]
+    out = tiny.generate_ar([prompt], max_new_tokens=24, eos_token_id=[])
+    seq = list(prompt)
+    for _ in range(24):  # no cache: re-encode everything each time
+        cache = KVCache(m.text, 1, len(seq), 1)
+        seq.append(int(m.logits(m.encode(torch.tensor([seq]), cache))[0, -1].argmax()))
+    assert out.sequences[0].tolist() == seq
+    assert out.stats.tokens_per_forward == [1.0]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_denoising_steps=0), "max_denoising_steps must be an integer >= 1"),
+    (dict(num_diffusion_steps=-2), "max_denoising_steps must be an integer >= 1"),
+    (dict(entropy_bound=0.0), "entropy_bound must be a number > 0"),
+    (dict(entropy_bound=-1), "entropy_bound must be a number > 0"),
+    (dict(t_min=0.9, t_max=0.5), "t_min (0.9) must not exceed t_max (0.5)"),
+    (dict(t_min=-0.1), "t_min must be a number >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(confidence_threshold=0), "confidence_threshold must be a number > 0"),
+    (dict(stability_threshold=-1), "stability_threshold must be an integer >= 0"),
+    (dict(max_new_tokens=5000), "exceeds the model context of 4096"),
+    (dict(max_length=2), "max_length (2) leaves no room"),
+    (dict(not_a_setting=1), "unknown generation settings: ['not_a_setting']"),
+    (dict(seed=[1, 2]), "got 2 seeds for a batch of 1"),
+    (dict(decoder_input_ids=torch.zeros(1, 5, dtype=torch.long)), "starting canvas has shape [1, 5], expected [1, 32]"),
+    (dict(fixed_mask=torch.ones(1, 32, dtype=torch.bool)), "fixed_mask needs decoder_input_ids"),
+])
+def test_invalid_settings_raise_clear_errors(tiny, kwargs, message):
+    with pytest.raises(ConfigError) as e:
+        tiny.generate(input_ids=[[2, 5, 6]], **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("ids,message", [
+    ([[]], "prompt 0 is empty"),
+    ([[2, 600]], "token ids outside the vocabulary [0, 512): [600]"),
+    ([[2] * 4090], "exceeds the model context of 4096"),
+])
+def test_invalid_prompts_raise_clear_errors(tiny, ids, message):
+    with pytest.raises(ConfigError) as e:
+        tiny.generate(input_ids=ids, max_new_tokens=32)
+    assert message in str(e.value)

@@ -1,0 +1,57 @@
+"""The sampler's policies, each on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgemma.sampling import CanvasRNG, StableAndConfident, accept_by_entropy, linear_temperature, token_entropy
+
+
+def test_linear_temperature_runs_from_t_max_to_t_min():
+    assert linear_temperature(10, 10, 0.4, 0.8).item() == pytest.approx(0.8)
+    assert linear_temperature(1, 10, 0.4, 0.8).item() == pytest.approx(0.44)
+    assert linear_temperature(5, 10, 0.4, 0.8).dtype == torch.float32
+
+
+def test_token_entropy_matches_categorical():
+    logits = torch.randn(3, 7, 50) * 4
+    logits[0, 0] = torch.tensor([0.0] + [-float("inf")] * 49)  # a certain position: entropy 0, no NaN
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    assert torch.equal(token_entropy(logits), expected)
+    assert token_entropy(logits)[0, 0] == 0
+
+
+def test_accept_by_entropy_takes_the_low_entropy_prefix_within_the_bound():
+    entropy = torch.tensor([[0.5, 0.01, 0.03, 2.0, 0.05]])
+    # sorted: 0.01, 0.03, 0.05, 0.5, 2.0; cumsum - current: 0, 0.01, 0.04, 0.09, 0.59
+    mask = accept_by_entropy(entropy, 0.1)
+    assert mask.tolist() == [[True, True, True, False, True]]
+    assert accept_by_entropy(entropy, 0.02).tolist() == [[False, True, True, False, False]]
+
+
+def test_accept_by_entropy_always_accepts_the_most_certain_position():
+    entropy = torch.tensor([[5.0, 6.0, 4.0]])
+    assert accept_by_entropy(entropy, 1e-9).tolist() == [[False, False, True]]
+
+
+def test_stable_and_confident_needs_repeats_and_low_entropy():
+    stop = StableAndConfident(stability_threshold=2, confidence_threshold=0.1)
+    canvas = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    low = torch.tensor([0.01, 0.5])
+    assert stop(canvas, low).tolist() == [False, False]  # no history yet
+    assert stop(canvas, low).tolist() == [False, False]  # one repeat of two
+    assert stop(canvas, low).tolist() == [True, False]  # row 1 is never confident
+    assert stop(torch.tensor([[1, 2, 0], [4, 5, 6]]), low).tolist() == [False, False]
+    stop.reset()
+    assert StableAndConfident(0, 0.1)(canvas, low).tolist() == [True, False]
+
+
+def test_per_row_generators_draw_what_a_seeded_global_generator_draws():
+    probs = torch.softmax(torch.randn(2, 5, 30), -1)
+    torch.manual_seed(7)
+    a_tokens, a_sample = torch.randint(0, 30, (1, 5)), torch.multinomial(probs[1], 1).view(1, 5)
+    rng = CanvasRNG([torch.Generator().manual_seed(3), torch.Generator().manual_seed(7)])
+    b_tokens = rng.tokens(2, 5, 30, torch.device("cpu"))
+    b_sample = rng.sample(probs)
+    assert torch.equal(b_tokens[1:], a_tokens) and torch.equal(b_sample[1:], a_sample)

@@ -1,0 +1,160 @@
+"""Checkpoint loading: layouts, dtypes, and an error that names the problem for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dgemma
+from dgemma import CheckpointError, ConfigError
+from dgemma.config import DiffusionGemmaConfig, GenerationConfig, preset
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0)
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def rewrite(path, fn):
+    tensors = load_file(path / "model.safetensors")
+    save_file(fn(tensors), path / "model.safetensors", metadata={"format": "pt"})
+
+
+def assert_same_weights(a, b):
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y.to(x.dtype)), name
+
+
+def test_round_trip_and_config_files(saved):
+    model, path = saved
+    assert json.loads((path / "config.json").read_text())["model_type"] == "diffusion_gemma"
+    again = dgemma.DiffusionGemma.from_pretrained(path)
+    assert_same_weights(model, again)
+    assert again.config == model.config
+    assert again.generation_config == model.generation_config
+
+
+def test_tied_tensors_under_encoder_names_or_both(saved):
+    """The real checkpoint names the shared layers after the encoder; transformers writes the decoder names."""
+    model, path = saved
+
+    def to_encoder(t):
+        out = {}
+        for k, v in t.items():
+            if k.startswith("model.decoder.layers.") and not k.endswith("layer_scalar"):
+                k = k.replace("model.decoder.", "model.encoder.language_model.")
+            out[k.replace("model.decoder.embed_tokens", "model.encoder.language_model.embed_tokens")] = v
+        out["lm_head.weight"] = out["model.encoder.language_model.embed_tokens.weight"].clone()
+        return out
+
+    rewrite(path, to_encoder)
+    assert_same_weights(model, dgemma.DiffusionGemma.from_pretrained(path))
+
+    def both(t):
+        t = dict(t)
+        t.update({k.replace("model.encoder.language_model.", "model.decoder."): v.clone() for k, v in t.items()
+                  if k.startswith("model.encoder.language_model.layers.") and not k.endswith("layer_scalar")})
+        return t
+
+    rewrite(path, both)
+    assert_same_weights(model, dgemma.DiffusionGemma.from_pretrained(path))
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("wanted", [torch.float32, torch.bfloat16])
+def test_any_stored_dtype_loads_as_the_requested_dtype(saved, stored, wanted):
+    model, path = saved
+    rewrite(path, lambda t: {k: v.to(stored) for k, v in t.items()})
+    loaded = dgemma.DiffusionGemma.from_pretrained(path, dtype=wanted)
+    assert {p.dtype for p in loaded.model.parameters()} == {wanted}
+    ref = model.model.embed_tokens.weight.to(stored).to(wanted)
+    assert torch.equal(loaded.model.embed_tokens.weight, ref)
+
+
+def test_missing_tensor(saved):
+    _, path = saved
+    rewrite(path, lambda t: {k: v for k, v in t.items() if k != "model.decoder.layers.1.router.proj.weight"})
+    with pytest.raises(CheckpointError, match=r"missing tensors \(1\): model.decoder.layers.1.router.proj.weight"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_unexpected_tensor(saved):
+    _, path = saved
+    rewrite(path, lambda t: {**t, "model.decoder.layers.0.mystery.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \(1\): model.decoder.layers.0.mystery.weight"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_mis_shaped_tensor(saved):
+    _, path = saved
+    rewrite(path, lambda t: {**t, "model.decoder.layers.2.experts.down_proj": torch.zeros(8, 64, 31)})
+    with pytest.raises(CheckpointError, match=r"model.decoder.layers.2.experts.down_proj: checkpoint \[8, 64, 31\], "
+                                              r"model expects \[8, 64, 32\]"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_truncated_file(saved):
+    _, path = saved
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated or corrupt safetensors file"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_missing_shard_and_weights(saved, tmp_path):
+    model, path = saved
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_bytes=100_000)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}: shard listed in the index is missing"):
+        dgemma.DiffusionGemma.from_pretrained(sharded)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_config_that_is_not_diffusion_gemma(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "gemma3"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="model_type is 'gemma3': not a DiffusionGemma checkpoint"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+    (path / "config.json").unlink()
+    with pytest.raises(ConfigError, match="no config.json"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_unknown_path_or_preset():
+    with pytest.raises(FileNotFoundError, match="no such model directory .*known presets: 26b-a4b, tiny"):
+        dgemma.DiffusionGemma.from_pretrained("/nonexistent/model")
+
+
+def test_config_json_round_trip_and_hf_reading():
+    cfg = preset("26b-a4b")
+    d = cfg.to_hf_dict()
+    assert d["text_config"]["per_layer_config"]["5"] == {"head_dim": 512, "num_key_value_heads": 2}
+    assert DiffusionGemmaConfig.from_hf_dict(d) == cfg
+    # the Gemma 4 style (global_head_dim / num_global_key_value_heads) reads the same
+    text = {k: v for k, v in d["text_config"].items() if k != "per_layer_config"}
+    text.update(global_head_dim=512, num_global_key_value_heads=2)
+    assert DiffusionGemmaConfig.from_hf_dict({**d, "text_config": text}) == cfg
+    gen = GenerationConfig.from_hf_dict({"sampler_config": {"entropy_bound": 0.3, "_cls_name": "x"},
+                                         "max_denoising_steps": 12, "eos_token_id": [1, 106]})
+    assert (gen.entropy_bound, gen.max_denoising_steps, gen.eos_token_id) == (0.3, 12, [1, 106])
+
+
+def test_26b_parameter_count_matches_the_published_size():
+    counts = preset("26b-a4b").parameter_counts()
+    assert 25.0e9 < counts["total"] < 26.5e9  # 25.8B published (text model; the vision tower adds ~0.4B)
+    assert 3.5e9 < counts["active"] < 4.2e9  # 3.8B active
