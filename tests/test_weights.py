@@ -158,3 +158,8 @@ def test_26b_parameter_count_matches_the_published_size():
     counts = preset("26b-a4b").parameter_counts()
     assert 25.0e9 < counts["total"] < 26.5e9  # 25.8B published (text model; the vision tower adds ~0.4B)
     assert 3.5e9 < counts["active"] < 4.2e9  # 3.8B active
+
+
+def test_parameter_count_equals_the_built_model():
+    model = dgemma.DiffusionGemma.from_config(preset("tiny"))
+    assert preset("tiny").parameter_counts()["total"] == sum(p.numel() for p in model.model.parameters())

@@ -217,7 +217,7 @@ class DiffusionGemmaConfig:
             d, kv = t.layer_head_dim(i), t.layer_kv_heads(i)
             n_v = kv * d if t.is_sliding(i) else 0
             attn += h * t.num_attention_heads * d * 2 + h * kv * d + h * n_v + 2 * d
-            dense += 3 * h * t.intermediate_size + 7 * h + h * t.num_experts + t.num_experts + 1
+            dense += 3 * h * t.intermediate_size + 8 * h + h * t.num_experts + t.num_experts  # 7 norms + router scale
         expert = 3 * h * t.moe_intermediate_size
         experts_total = t.num_hidden_layers * t.num_experts * expert
         experts_active = t.num_hidden_layers * t.top_k_experts * expert

@@ -303,6 +303,7 @@ def byte_tokenizer() -> Tokenizer:
     vocab.update({f"<0x{b:02X}>": 256 + b for b in range(256)})
     backend = _Backend(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    backend.add_special_tokens([AddedToken(name, special=True) for name in GEMMA4_SPECIAL_IDS])
+    specials = sorted((i, name) for name, i in vocab.items() if i < 256)  # control and unused ids
+    backend.add_special_tokens([AddedToken(name, special=True) for _, name in specials])
     template = files("dgemma").joinpath("templates/gemma4_chat.jinja").read_text()
     return Tokenizer(backend, template)

@@ -1,0 +1,8 @@
+"""`python -m dgemma ...`: the same as the `dgemma` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""The `dgemma` command line: `dgemma generate` and `dgemma info`.
+
+    dgemma generate "Write a haiku about the sea" --model path/to/checkpoint --chat
+    echo "Once upon a time" | dgemma generate --model tiny --max-new-tokens 64 --show-canvas
+    dgemma info 26b-a4b --json
+
+Every bad input ends with one `dgemma: error: ...` line on stderr and a non-zero exit status
+(2 for command-line usage errors, 1 for everything the library rejects, 130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import FULL, PRESETS, SLIDING, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .model.weights import CheckpointError
+
+PROG = "dgemma"
+DTYPES = ("float32", "bfloat16", "float16")
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int4": 0.5}
+
+
+class CLIError(Exception):
+    """A bad command-line input found by the CLI itself (the library's own errors are caught as they are)."""
+
+
+# -- argument parsing -------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line `dgemma: error: ...` (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        hint = f" (see '{PROG} {sub} -h')" if sub else f" (see '{PROG} -h')"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+def _int_at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="DiffusionGemma: text diffusion, a canvas of tokens at a time.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    g = sub.add_parser(
+        "generate", help="generate text from a prompt",
+        description="Generate text with DiffusionGemma. The text is streamed to stdout canvas by canvas; a "
+                    "one-line stats summary goes to stderr.",
+        epilog="Sampler settings default to the model's generation_config.json (or the reference defaults "
+               "for a preset). Output is whole canvases: --max-new-tokens is rounded up to a multiple of "
+               "the canvas length. Generation stops at EOS / end-of-turn.")
+    g.add_argument("prompt", nargs="?", metavar="PROMPT",
+                   help="the prompt; read from stdin when absent or '-'")
+    g.add_argument("--model", default="tiny", metavar="PATH_OR_PRESET",
+                   help=f"checkpoint directory or preset ({', '.join(PRESETS)}; random weights). Default: tiny")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate")
+    g.add_argument("--steps", type=int, metavar="N", help="maximum denoising steps per canvas")
+    g.add_argument("--canvas-length", type=_int_at_least_1, metavar="N",
+                   help="tokens per canvas (overrides the model config)")
+    g.add_argument("--entropy-bound", type=float, metavar="X",
+                   help="entropy budget for accepting tokens in one step (> 0)")
+    g.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
+    g.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
+    g.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same output)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    g.add_argument("--thinking", action="store_true",
+                   help="let the model think first (implies --chat); reasoning is printed separately, "
+                        "to stderr, once generation ends")
+    g.add_argument("--show-canvas", action="store_true",
+                   help="animate the canvas while it denoises (on a terminal); otherwise print each step's "
+                        "draft on its own line")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, reasoning, token ids and stats")
+    g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
+                   help="diffusion (default), or ar: greedy autoregressive decoding with the same weights")
+    g.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
+    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser(
+        "info", help="show a model's configuration, size and memory needs",
+        description="Summarise a model: architecture, parameter counts, weight memory at several precisions "
+                    "and a KV-cache estimate. Reads only config.json (no weights are loaded).")
+    i.add_argument("model", metavar="MODEL", help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def _resolve_model(name: str) -> tuple[str, DiffusionGemmaConfig, GenerationConfig]:
+    """(source, config, generation config) from a directory's JSON files or a preset; loads no weights.
+    Resolves the way `DiffusionGemma.from_pretrained` does: an existing path wins over a preset name."""
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{name}: not a model directory")
+        config = DiffusionGemmaConfig.load(path)
+        return "directory", config, GenerationConfig.load(path, config)
+    if name in PRESETS:
+        config = preset(name)
+        return "preset", config, GenerationConfig.for_model(config)
+    raise FileNotFoundError(f"{name}: no such model directory or preset (known presets: {', '.join(PRESETS)})")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def _human_count(n: float) -> str:
+    for value, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= value:
+            return f"{n / value:.2f}{suffix}"
+    return str(int(n))
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (works under test capture and redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # logging must never take the CLI down
+            self.handleError(record)
+
+
+class _LogToStderr:
+    """While active, the library's log records (e.g. the random-weights warning) print once to stderr as
+    `dgemma: warning: ...`. Restores the logger on exit so an embedding program is left as it was."""
+
+    def __enter__(self) -> "_LogToStderr":
+        self.logger = logging.getLogger("dgemma")
+        self.saved = (self.logger.propagate, self.logger.level)
+        self.handler = _StderrHandler(logging.INFO)
+        self.handler.setFormatter(_LevelFormatter(f"{PROG}: %(levelname)s: %(message)s"))
+        self.logger.addHandler(self.handler)
+        self.logger.propagate = False  # exactly once: not again through a root handler
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate, level = self.saved
+        self.logger.setLevel(level)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def _pick_device(requested: str | None):
+    import torch
+
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"invalid --device {requested!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {requested}: CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {requested}: MPS is not available")
+    return device
+
+
+def _read_prompt(arg: str | None) -> str:
+    if arg is None or arg == "-":
+        if sys.stdin is None:
+            raise CLIError("no prompt given and no stdin to read it from")
+        if sys.stdin.isatty():
+            print(f"{PROG}: reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
+        text = sys.stdin.read()
+        text = text[:-1] if text.endswith("\n") else text
+    else:
+        text = arg
+    if not text.strip():
+        raise CLIError("empty prompt")
+    return text
+
+
+def _cut_at_stop(tokens: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    """Tokens through the first stop token (inclusive; the padding after it dropped), and whether one was hit."""
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+
+
+def _split_thinking(tokenizer, tokens: list[int]) -> tuple[str, str]:
+    """(reasoning, answer): `split_reasoning` on the text decoded with special tokens kept. Special tokens
+    other than the channel markers are dropped first so neither part shows `<pad>`, `<bos>`, ..."""
+    from .tokenizer import CHANNEL_END, CHANNEL_START, split_reasoning
+
+    markers = {tokenizer.token_to_id(CHANNEL_START), tokenizer.token_to_id(CHANNEL_END)} - {None}
+    drop = _special_ids(tokenizer) - markers
+    return split_reasoning(tokenizer.decode([t for t in tokens if t not in drop], skip_special_tokens=False))
+
+
+# -- the live canvas ------------------------------------------------------------------------------------
+
+_ACCEPTED, _PENDING, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
+_CONTROL = {"\n": "↵", "\r": "␍", "\t": "→"}
+
+
+def _visible(text: str) -> str:
+    """One draft position as a single-line, printable piece."""
+    out = "".join(_CONTROL.get(ch, "·" if unicodedata.category(ch) in ("Cc", "Cf") else ch) for ch in text)
+    return out or "∅"
+
+
+def _width(text: str) -> int:
+    """Terminal columns taken by `text` (no escape codes in it)."""
+    w = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) == "Cc":
+            continue
+        w += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return w
+
+
+class CanvasView:
+    """Shows row 0's draft at every denoising step.
+
+    On a terminal the draft is redrawn in place below the text committed so far (accepted positions in
+    green, the rest dim), with ANSI cursor movement. Elsewhere each step is one plain line:
+    `[canvas C step S  A/N accepted] draft`.
+    """
+
+    def __init__(self, out: TextIO, tokenizer, tty: bool):
+        self.out, self.tokenizer, self.tty = out, tokenizer, tty
+        self.pieces: dict[int, str] = {}
+        self.partial = ""  # committed text after the last newline written (what the region redraws)
+        self.rows = 0  # terminal rows the drawn region spans (0: nothing drawn)
+        if tty:
+            self.out.write("\x1b[?25l")  # hide the cursor while animating
+
+    def _piece(self, token: int) -> str:
+        if token not in self.pieces:
+            self.pieces[token] = _visible(self.tokenizer.decode([token], skip_special_tokens=False))
+        return self.pieces[token]
+
+    def text(self, piece: str) -> None:
+        """Committed text (streamed output) written above the region."""
+        if not piece:
+            return
+        self.out.write(piece)
+        self.partial = piece.rsplit("\n", 1)[1] if "\n" in piece else self.partial + piece
+        self.out.flush()
+
+    def step(self, event) -> None:
+        tokens, accepted = event.draft[0].tolist(), event.accepted[0].tolist()
+        pieces = [self._piece(t) for t in tokens]
+        if not self.tty:
+            head = f"[canvas {event.canvas_index} step {event.step:>2} {sum(accepted):>4}/{len(tokens)} accepted]"
+            self.out.write(f"{head} {''.join(pieces)}\n")
+            self.out.flush()
+            return
+        columns = max(shutil.get_terminal_size().columns, 10)
+        height = max(shutil.get_terminal_size().lines, 3)
+
+        def rows(text: str) -> int:
+            return max(1, math.ceil(_width(text) / columns))
+
+        draft = "".join(pieces)
+        self._erase()
+        if rows(self.partial) + rows(draft) >= height:  # too tall to redraw in place: let the text line end
+            self.out.write("\n")
+            self.partial = ""
+        colored, state = [], None
+        for piece, a in zip(pieces, accepted):
+            if a != state:  # one color change per run of accepted / pending positions
+                colored.append(_RESET + (_ACCEPTED if a else _PENDING))
+                state = a
+            colored.append(piece)
+        colored = "".join(colored) + _RESET
+        self.out.write("\n" + colored)
+        self.rows = rows(self.partial) + rows(draft)
+        self.out.flush()
+
+    def _erase(self) -> None:
+        """Back to the start of the partial text line, clear below, and rewrite the partial line."""
+        if not self.rows:
+            return
+        up = f"\x1b[{self.rows - 1}A" if self.rows > 1 else ""
+        self.out.write("\r" + up + "\x1b[J" + self.partial)
+        self.rows = 0
+
+    def commit(self) -> None:
+        if self.tty:
+            self._erase()
+            self.out.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self._erase()
+            self.out.write("\x1b[?25h")
+            self.out.flush()
+
+
+# -- generate ---------------------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import DiffusionGemma
+    from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
+    from .tokenizer import IncrementalDetokenizer
+
+    if args.thinking:
+        args.chat = True
+    if args.show_canvas and args.json:
+        raise CLIError("--show-canvas and --json cannot be combined (both write to stdout)")
+    if args.show_canvas and args.mode == "ar":
+        raise CLIError("--show-canvas needs --mode diffusion (autoregressive decoding has no canvas)")
+
+    # everything that can be checked without the weights is checked before loading them
+    _, _, gen = _resolve_model(args.model)
+    gen = gen.updated(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
+                      entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max)
+    gen.validate()
+    prompt = _read_prompt(args.prompt)
+    device = _pick_device(args.device)
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+
+    model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    if args.canvas_length is not None:
+        model.config.canvas_length = args.canvas_length
+    tok = model.tokenizer
+    if tok is None:
+        raise CLIError(f"{args.model}: the model has no tokenizer (tokenizer.json missing)")
+    if args.chat:
+        prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             enable_thinking=args.thinking, tokenize=True)
+    else:
+        prompt_ids = tok.encode(prompt)
+    stop = list(dict.fromkeys([*(gen.eos_token_id or []), *tok.stop_ids]))
+    gen = gen.updated(eos_token_id=stop)
+    stop_set = set(stop)
+
+    stdout = sys.stdout
+    tty = stdout.isatty()
+    stream_text = not args.json and not args.thinking and not (args.show_canvas and not tty) and args.mode != "ar"
+    view = CanvasView(stdout, tok, tty) if args.show_canvas else None
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    written = ""
+
+    def emit(piece: str) -> None:
+        nonlocal written
+        if piece:
+            written += piece
+            if view is not None:
+                view.text(piece)
+            else:
+                stdout.write(piece)
+                stdout.flush()
+
+    if args.mode == "ar":
+        out = model.generate_ar([prompt_ids], max_new_tokens=gen.max_new_tokens, temperature=0.0,
+                                eos_token_id=stop)
+        generated = out.sequences[0, len(prompt_ids):].tolist()
+        stats = out.stats
+    else:
+        result = None
+        hit_stop = False
+        try:
+            for event in model.stream_generate([prompt_ids], generation_config=gen, seed=args.seed):
+                if isinstance(event, DenoiseStep):
+                    if view is not None:
+                        view.step(event)
+                elif isinstance(event, CanvasCommit):
+                    if view is not None:
+                        view.commit()
+                    if stream_text and not hit_stop:
+                        tokens, hit_stop = _cut_at_stop(event.tokens[0].tolist(), stop_set)
+                        emit(detok.add(tokens[:-1] if hit_stop else tokens))
+                elif isinstance(event, GenerationResult):
+                    result = event
+        finally:
+            if view is not None:
+                view.close()
+        assert result is not None
+        generated, stats = result.tokens[0], result.stats
+
+    generated, finished = _cut_at_stop(generated, stop_set)
+    content_ids = generated[:-1] if finished else generated
+    text = tok.decode(content_ids, skip_special_tokens=True)
+    reasoning = ""
+    if args.thinking:
+        reasoning, text = _split_thinking(tok, content_ids)
+
+    passes = stats.passes_per_canvas[0]
+    n_new = stats.new_tokens[0]
+    wall = stats.wall_time_s
+    summary = {
+        "mode": args.mode,
+        "canvases": len(passes) if args.mode == "diffusion" else None,
+        "canvas_length": model.config.canvas_length if args.mode == "diffusion" else None,
+        "passes_per_canvas": passes if args.mode == "diffusion" else None,
+        "decoder_passes": stats.decoder_passes[0],
+        "new_tokens": n_new,
+        "tokens_per_forward": stats.tokens_per_forward[0],
+        "wall_time_s": wall,
+        "first_canvas_s": stats.first_canvas_s,
+        "tokens_per_s": n_new / wall if wall > 0 else None,
+    }
+    if args.json:
+        doc: dict[str, Any] = {"model": args.model, "text": text}
+        if reasoning:
+            doc["reasoning"] = reasoning
+        doc.update({"prompt_tokens": len(prompt_ids), "tokens": generated, "stopped": finished,
+                    "seed": args.seed, "stats": summary})
+        stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        stdout.flush()
+        return 0
+
+    if stream_text:
+        emit(detok.flush())
+        shown = written
+    else:
+        if args.thinking and reasoning:  # reasoning to stderr, the answer alone on stdout
+            stdout.flush()
+            print(f"--- reasoning ---\n{reasoning}\n--- answer ---", file=sys.stderr, flush=True)
+        if view is not None and tty:
+            view.text(text)
+        else:
+            stdout.write(text)
+        shown = text
+    if not shown.endswith("\n"):
+        stdout.write("\n")
+    stdout.flush()
+
+    tps = f"{summary['tokens_per_s']:.1f} tok/s" if summary["tokens_per_s"] else "- tok/s"
+    if args.mode == "diffusion":
+        per_canvas = sum(passes) / max(len(passes), 1)
+        where = f"{len(passes)} canvas{'es' if len(passes) != 1 else ''} of {model.config.canvas_length}, " \
+                f"{per_canvas:.1f} passes/canvas"
+    else:
+        where = f"autoregressive, {stats.decoder_passes[0]} passes"
+    print(f"{PROG}: {n_new} tokens, {where}, {stats.tokens_per_forward[0]:.2f} tokens/forward, {tps} "
+          f"({wall:.2f} s)", file=sys.stderr, flush=True)
+    return 0
+
+
+# -- info -------------------------------------------------------------------------------------------
+
+def model_info(name: str) -> dict[str, Any]:
+    """Everything `dgemma info` shows, as plain data (reads config.json only)."""
+    source, config, gen = _resolve_model(name)
+    t = config.text_config
+    layer_types = list(t.layer_types)
+
+    def kind_info(kind: str) -> dict[str, Any] | None:
+        layers = [i for i, k in enumerate(layer_types) if k == kind]
+        if not layers:
+            return None
+        i = layers[0]
+        info = {"layers": len(layers), "kv_heads": t.layer_kv_heads(i), "head_dim": t.layer_head_dim(i),
+                "values_are_keys": kind == FULL}
+        if kind == SLIDING:
+            info["window"] = t.sliding_window
+        return info
+
+    # KV cache, bf16, one sequence: each layer stores keys and values [kv_heads, tokens, head_dim]. Full
+    # layers keep every token; sliding layers keep at most sliding_window - 1 tokens (a ring buffer).
+    full_per_token = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 2
+                         for i, k in enumerate(layer_types) if k == FULL)
+    sliding_per_token = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 2
+                            for i, k in enumerate(layer_types) if k == SLIDING)
+    window_tokens = max(t.sliding_window - 1, 0)
+
+    def kv_at(tokens: int) -> int:
+        return full_per_token * tokens + sliding_per_token * min(tokens, window_tokens)
+
+    counts = config.parameter_counts()
+    return {
+        "model": name,
+        "source": source,
+        "random_weights": source == "preset",
+        "config": {
+            "layers": t.num_hidden_layers,
+            "sliding_layers": layer_types.count(SLIDING),
+            "full_layers": layer_types.count(FULL),
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "attention_heads": t.num_attention_heads,
+            "sliding_attention": kind_info(SLIDING),
+            "full_attention": kind_info(FULL),
+            "experts": t.num_experts,
+            "top_k_experts": t.top_k_experts,
+            "expert_intermediate_size": t.moe_intermediate_size,
+            "vocab_size": t.vocab_size,
+            "context_length": t.max_position_embeddings,
+            "sliding_window": t.sliding_window,
+            "canvas_length": config.canvas_length,
+        },
+        "generation": {"max_new_tokens": gen.max_new_tokens, "max_denoising_steps": gen.max_denoising_steps,
+                       "entropy_bound": gen.entropy_bound, "t_min": gen.t_min, "t_max": gen.t_max},
+        "parameters": counts,
+        "weights_bytes": {k: int(counts["total"] * b) for k, b in BYTES_PER_PARAM.items()},
+        "kv_cache_bf16": {
+            "bytes_per_token_full_layers": full_per_token,
+            "bytes_per_token_sliding_layers": sliding_per_token,
+            "sliding_tokens_max": window_tokens,
+            "bytes_per_1k_tokens_full_layers": full_per_token * 1024,
+            "bytes_sliding_layers_max": sliding_per_token * window_tokens,
+            "bytes_at_1k_tokens": kv_at(1024),
+        },
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    c, p, kv = info["config"], info["parameters"], info["kv_cache_bf16"]
+    src = "preset, random weights" if info["source"] == "preset" else "checkpoint directory"
+    lines = [
+        ("model", f"{info['model']} ({src})"),
+        ("layers", f"{c['layers']} ({c['sliding_layers']} sliding, {c['full_layers']} full attention)"),
+        ("hidden size", f"{c['hidden_size']} (dense MLP {c['intermediate_size']})"),
+        ("query heads", str(c["attention_heads"])),
+    ]
+    for key, label in (("sliding_attention", "  sliding"), ("full_attention", "  full")):
+        a = c[key]
+        if a:
+            extra = f", window {a['window']}" if "window" in a else ""
+            extra += ", values = keys" if a["values_are_keys"] else ""
+            lines.append((label, f"{a['kv_heads']} KV head{'s' if a['kv_heads'] != 1 else ''} x head dim {a['head_dim']}{extra}"))
+    lines += [
+        ("experts", f"{c['experts']}, top-{c['top_k_experts']}, expert dim {c['expert_intermediate_size']}"),
+        ("vocab", f"{c['vocab_size']:,}"),
+        ("context", f"{c['context_length']:,} tokens"),
+        ("sliding window", f"{c['sliding_window']:,} tokens"),
+        ("canvas length", f"{c['canvas_length']} tokens"),
+        ("parameters", f"{_human_count(p['total'])} total ({p['total']:,}), {_human_count(p['active'])} active "
+                       f"per token ({p['active']:,})"),
+        ("", f"embedding {_human_count(p['embedding'])}, experts {_human_count(p['experts'])}"),
+        ("weights", "  ".join(f"{k} {_human_bytes(v)}" for k, v in info["weights_bytes"].items())),
+        ("KV cache (bf16)", f"{_human_bytes(kv['bytes_at_1k_tokens'])} at 1k tokens of context, per sequence: "
+                            f"{_human_bytes(kv['bytes_per_1k_tokens_full_layers'])} per 1k tokens "
+                            f"(full layers) + sliding layers up to "
+                            f"{_human_bytes(kv['bytes_sliding_layers_max'])} ({kv['sliding_tokens_max']} tokens)"),
+    ]
+    g = info["generation"]
+    lines.append(("sampler defaults", f"{g['max_denoising_steps']} steps, entropy bound {g['entropy_bound']}, "
+                                      f"t {g['t_min']}..{g['t_max']}, {g['max_new_tokens']} new tokens"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------------------
+
+def _fail(message: str, code: int = 1) -> int:
+    message = " ".join(str(message).split()) or "unknown error"  # one line
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (the console script passes it to sys.exit)."""
+    from jinja2.exceptions import TemplateError
+
+    from .engine.cache import CacheFullError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # -h, or a usage error (already printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    try:
+        with _LogToStderr():
+            return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `dgemma generate ... | head -1`
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
+    except CLIError as e:
+        return _fail(str(e), 2)
+    except (ConfigError, CheckpointError, CacheFullError) as e:
+        return _fail(str(e))
+    except FileNotFoundError as e:
+        return _fail(str(e) if e.filename is None else f"{e.filename}: {e.strerror}")
+    except OSError as e:
+        return _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except TemplateError as e:
+        return _fail(f"chat template: {e}")
+    except ValueError as e:  # the tokenizer's errors (unreadable tokenizer.json, missing special tokens)
+        return _fail(str(e))
+    except RuntimeError as e:
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError):
+            return _fail(f"out of memory: {e}")
+        raise
+
+
+def entry() -> None:  # pragma: no cover - `python -m dgemma` and the console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()
