@@ -188,6 +188,7 @@ class Block(nn.Module):
         return self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
 
     def forward(self, x: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
+        """`attend(projections, normed_x)` is the encoder's or the decoder's attention."""
         x = x + self.post_attention_layernorm(attend(self.self_attn, self.input_layernorm(x)))
         x = x + self.feed_forward(x)
         return x * (self.decoder_layer_scalar if decoder else self.layer_scalar)

@@ -11,6 +11,8 @@ step's scaled logits into soft embeddings that are mixed into the canvas embeddi
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,9 +89,14 @@ class DiffusionGemmaModel(nn.Module):
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
         return torch.matmul(probs, w) * self.embed_scale(w.dtype)
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, dtype)
+    def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
+        """Run every layer; `attend(layer_index, kind, proj, h, cos, sin)` is the pass's attention."""
+        rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, x.dtype)
                 for kind in set(self.text.layer_types)}
+        for i, layer in enumerate(self.layers):
+            kind = self.text.layer_types[i]
+            x = layer(x, partial(attend, i, kind, cos=rope[kind][0], sin=rope[kind][1]), decoder=decoder)
+        return self.norm(x)
 
     # -- passes ----------------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,35 +108,28 @@ class DiffusionGemmaModel(nn.Module):
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
         cache.check_room(valid.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
-        x = self.embed(tokens)
-        rope = self._rope(positions, x.dtype)
         slots = {kind: cache.write_slots(kind, positions, valid) for kind in cache.slot_pos}
-        masks = {}
+        used, masks = {}, {}
         for kind in cache.slot_pos:
-            used = cache.used(kind)
+            used[kind] = cache.used(kind)
             # padding tokens keep their (unused) positions: real queries never see them, being causal
-            kpos = torch.cat([cache.slot_pos[kind][:, :used], positions], dim=1)
-            mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= positions[:, :, None])
+            kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
+            mask = (kpos >= 0) & (kpos <= positions[:, :, None])
             if kind == SLIDING:
-                mask &= kpos[:, None, :] > positions[:, :, None] - cache.window
-            masks[kind] = (used, mask[:, None])
+                mask &= kpos > positions[:, :, None] - cache.window
+            masks[kind] = mask[:, None]
 
-        for i, layer in enumerate(self.layers):
-            kind = self.text.layer_types[i]
-            used, mask = masks[kind]
-            cos, sin = rope[kind]
+        def attend(i, kind, proj, h, cos, sin):
+            q, k, v = proj.qkv(h, cos, sin)
+            keys = torch.cat([cache.k[i][:, :, :used[kind]], k], dim=2)
+            values = torch.cat([cache.v[i][:, :, :used[kind]], v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            cache.write(i, k, v, slots[kind])
+            return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-            def attend(proj, h, i=i, used=used, mask=mask, cos=cos, sin=sin, kind=kind):
-                q, k, v = proj.qkv(h, cos, sin)
-                keys = torch.cat([cache.k[i][:, :, :used], k], dim=2)
-                values = torch.cat([cache.v[i][:, :, :used], v], dim=2)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
-                cache.write(i, k, v, slots[kind])
-                return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-            x = layer(x, attend, decoder=False)
+        hidden = self._stack(self.embed(tokens), positions, attend, decoder=False)
         cache.commit(slots, positions, valid)
-        return self.norm(x)
+        return hidden
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,33 +140,26 @@ class DiffusionGemmaModel(nn.Module):
         """
         b, c = canvas.shape
         positions = cache.lengths[:, None] + torch.arange(c, device=canvas.device)
-        x = self.embed(canvas)
         soft = None
         if self_cond_logits is not None:
             soft = self.soft_embeddings(self_cond_logits)
             if self_cond_mask is not None:
                 soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
-        x = self.self_conditioning(x, soft)
-        rope = self._rope(positions, x.dtype)
-        masks = {}
+        x = self.self_conditioning(self.embed(canvas), soft)
+        used, masks = {}, {}
         for kind in cache.slot_pos:
-            used = cache.used(kind)
-            keep = torch.cat([cache.slot_pos[kind][:, :used] >= 0,
+            used[kind] = cache.used(kind)
+            keep = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0,
                               torch.ones(b, c, dtype=torch.bool, device=canvas.device)], dim=1)
-            masks[kind] = (used, keep[:, None, None, :])
+            masks[kind] = keep[:, None, None, :]
 
-        for i, layer in enumerate(self.layers):
-            kind = self.text.layer_types[i]
-            used, mask = masks[kind]
-            cos, sin = rope[kind]
+        def attend(i, kind, proj, h, cos, sin):
+            q, k, v = proj.qkv(h, cos, sin)
+            end = used[kind] + c
+            cache.k[i][:, :, used[kind]:end] = k  # canvas keys go to the scratch tail: no copy of the cache
+            cache.v[i][:, :, used[kind]:end] = v
+            out = F.scaled_dot_product_attention(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end],
+                                                 attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            return proj.o_proj(out.transpose(1, 2).reshape(b, c, -1))
 
-            def attend(proj, h, i=i, used=used, mask=mask, cos=cos, sin=sin):
-                q, k, v = proj.qkv(h, cos, sin)
-                cache.k[i][:, :, used:used + c] = k  # canvas keys go to the scratch tail: no copy of the cache
-                cache.v[i][:, :, used:used + c] = v
-                keys, values = cache.k[i][:, :, :used + c], cache.v[i][:, :, :used + c]
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0, enable_gqa=True)
-                return proj.o_proj(out.transpose(1, 2).reshape(b, c, -1))
-
-            x = layer(x, attend, decoder=True)
-        return self.logits(self.norm(x))
+        return self.logits(self._stack(x, positions, attend, decoder=True))
