@@ -1,10 +1,11 @@
 """The KV cache: preallocated per layer, owned by the engine, one length per row.
 
 Layout per layer: `[batch, kv_heads, capacity + canvas_length, head_dim]`. Full-attention layers hold
-every position (`capacity = max_len`); sliding layers are ring buffers of `sliding_window - 1` slots,
-exactly the context the reference keeps for them. The tail after the used slots is scratch where a
-decoder pass puts the canvas keys/values, so denoising never copies the cache. `slot_pos` records the
-position held by each slot (-1: empty), which is all the masks need.
+every position (`capacity = max_len`); sliding layers hold each row's last `sliding_window - 1` tokens,
+exactly the context the reference keeps for them, oldest first (the order of keys changes fp32 sums,
+so keeping the reference's order keeps results bit-identical). The tail after the used slots is
+scratch where a decoder pass puts the canvas keys/values, so denoising never copies the cache.
+`slot_pos` records the position held by each slot (-1: empty), which is all the masks need.
 """
 
 from __future__ import annotations
@@ -51,30 +52,47 @@ class KVCache:
         if need > self.max_len:
             raise CacheFullError(f"{need} tokens do not fit a cache sized for {self.max_len}")
 
-    def write_slots(self, kind: str, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Slot of each new token [B, T]; tokens that must not be stored go to the trash slot."""
+    def plan_write(self, kind: str, positions: torch.Tensor, valid: torch.Tensor, used: int) -> torch.Tensor:
+        """Where an encoder pass's tokens go. Full layers: the slot of each new token [B, T] (padding goes to
+        the trash slot). Sliding layers: for each of the `capacity` slots, the index of the token it keeps in
+        `[cache[:used] ; new tokens]` [B, capacity] — the row's latest tokens, oldest first."""
         cap = self.capacity[kind]
-        trash = torch.full_like(positions, cap)
         if kind == FULL:
-            return torch.where(valid, positions, trash)
-        # a ring keeps only each row's last `cap` new tokens (earlier ones would be overwritten anyway)
-        n_valid = valid.sum(dim=1, keepdim=True)
-        keep = valid & (torch.arange(positions.shape[1], device=positions.device) >= n_valid - cap)
-        return torch.where(keep, positions % cap, trash)
+            return torch.where(valid, positions, torch.full_like(positions, cap))
+        old_len = self.lengths[:, None]
+        new_len = old_len + valid.sum(dim=1, keepdim=True)
+        wanted = new_len - torch.clamp(new_len, max=cap) + torch.arange(cap, device=positions.device)
+        old_start = old_len - torch.clamp(old_len, max=cap)
+        index = torch.where(wanted < old_len, wanted - old_start, used + wanted - old_len)
+        return torch.where(wanted < new_len, index, torch.zeros_like(index))
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v [B, kv_heads, T, D] into `slots` [B, T]."""
-        rows = torch.arange(self.batch, device=k.device)[:, None].expand_as(slots)
-        self.k[layer][rows, :, slots] = k.transpose(1, 2)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+    def write(self, layer: int, plan: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store layer `layer`'s new k, v [B, kv_heads, T, D]; `keys`/`values` are `[cache[:used] ; new]`."""
+        if self.kinds[layer] == FULL:
+            rows = torch.arange(self.batch, device=k.device)[:, None].expand_as(plan)
+            self.k[layer][rows, :, plan] = k.transpose(1, 2)
+            self.v[layer][rows, :, plan] = v.transpose(1, 2)
+            return
+        b, h, _, d = keys.shape
+        index = plan[:, None, :, None].expand(b, h, plan.shape[1], d)
+        self.k[layer][:, :, :plan.shape[1]] = keys.gather(2, index)
+        self.v[layer][:, :, :plan.shape[1]] = values.gather(2, index)
 
-    def commit(self, slots: dict[str, torch.Tensor], positions: torch.Tensor, valid: torch.Tensor) -> None:
-        """Record the positions of the tokens written by an encoder pass."""
-        for kind, s in slots.items():
-            rows = torch.arange(self.batch, device=s.device)[:, None].expand_as(s)
-            self.slot_pos[kind][rows, s] = torch.where(valid, positions, torch.full_like(positions, -1))
-            self.slot_pos[kind][:, -1] = -1
-        self.lengths += valid.sum(dim=1)
+    def commit(self, plans: dict[str, torch.Tensor], positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Record the positions held after an encoder pass."""
+        n_new = valid.sum(dim=1)
+        for kind, plan in plans.items():
+            if kind == FULL:
+                rows = torch.arange(self.batch, device=plan.device)[:, None].expand_as(plan)
+                self.slot_pos[kind][rows, plan] = torch.where(valid, positions, torch.full_like(positions, -1))
+                self.slot_pos[kind][:, -1] = -1
+            else:
+                cap = self.capacity[kind]
+                new_len = (self.lengths + n_new)[:, None]
+                pos = new_len - torch.clamp(new_len, max=cap) + torch.arange(cap, device=plan.device)
+                self.slot_pos[kind][:, :cap] = torch.where(pos < new_len, pos, torch.full_like(pos, -1))
+        self.lengths += n_new
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empty the given rows (a finished request frees its slot)."""

@@ -108,10 +108,10 @@ class DiffusionGemmaModel(nn.Module):
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
         cache.check_room(valid.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
-        slots = {kind: cache.write_slots(kind, positions, valid) for kind in cache.slot_pos}
-        used, masks = {}, {}
+        used, masks, plans = {}, {}, {}
         for kind in cache.slot_pos:
             used[kind] = cache.used(kind)
+            plans[kind] = cache.plan_write(kind, positions, valid, used[kind])
             # padding tokens keep their (unused) positions: real queries never see them, being causal
             kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
             mask = (kpos >= 0) & (kpos <= positions[:, :, None])
@@ -124,11 +124,11 @@ class DiffusionGemmaModel(nn.Module):
             keys = torch.cat([cache.k[i][:, :, :used[kind]], k], dim=2)
             values = torch.cat([cache.v[i][:, :, :used[kind]], v], dim=2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
-            cache.write(i, k, v, slots[kind])
+            cache.write(i, plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
         hidden = self._stack(self.embed(tokens), positions, attend, decoder=False)
-        cache.commit(slots, positions, valid)
+        cache.commit(plans, positions, valid)
         return hidden
 
     def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,

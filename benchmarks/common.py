@@ -1,0 +1,104 @@
+"""Shared helpers for the benchmark scripts: the `bench` model config, machine description, timing."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dgemma.config import FULL, SLIDING, DiffusionGemmaConfig, TextConfig, preset
+
+
+def bench_config() -> DiffusionGemmaConfig:
+    """A ~15.6M-parameter DiffusionGemma (15,607,200 parameters, embedding counted once): big enough that
+    matmuls dominate, small enough for a 2-core CPU. Both attention kinds (3 sliding + 1 full, as in the
+    26B model's 5:1 pattern, scaled down), GQA with different KV heads / head dims per kind, MoE top-2 of 8."""
+    text = TextConfig(
+        vocab_size=4096,
+        hidden_size=384,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        global_head_dim=128,
+        num_global_key_value_heads=1,
+        max_position_embeddings=8192,
+        sliding_window=128,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=224,
+        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+    )
+    return DiffusionGemmaConfig(text_config=text, canvas_length=256)
+
+
+def config_for(name: str) -> DiffusionGemmaConfig:
+    """`bench` (defined here) or one of dgemma's presets (`tiny`, `26b-a4b`)."""
+    return bench_config() if name == "bench" else preset(name)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    import dgemma
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "dgemma": getattr(dgemma, "__version__", None) or _version("dgemma"),
+        "device": device,
+    }
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float]:
+    """Runs `fn()` and returns (its result, wall seconds), synchronising the accelerator around it."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
