@@ -131,35 +131,78 @@ class DiffusionGemmaModel(nn.Module):
         cache.commit(plans, positions, valid)
         return hidden
 
-    def denoise(self, canvas: torch.Tensor, cache: KVCache, self_cond_logits: torch.Tensor | None = None,
+    def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Bidirectional pass over `canvas` [B, C] reading the cache; returns fp32 logits [B, C, V].
+        """Bidirectional pass over `canvas` [B, C] reading `context` (the KV cache at inference, the encoder's
+        keys/values of whole sequences in training); returns fp32 logits [B, C, V].
 
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
         `self_cond_mask` [B] zeroes the signal for some rows (training).
         """
         b, c = canvas.shape
-        positions = cache.lengths[:, None] + torch.arange(c, device=canvas.device)
         soft = None
         if self_cond_logits is not None:
             soft = self.soft_embeddings(self_cond_logits)
             if self_cond_mask is not None:
                 soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(self.embed(canvas), soft)
-        used, masks = {}, {}
-        for kind in cache.slot_pos:
-            used[kind] = cache.used(kind)
-            keep = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0,
-                              torch.ones(b, c, dtype=torch.bool, device=canvas.device)], dim=1)
-            masks[kind] = keep[:, None, None, :]
+        masks = {kind: context.decoder_mask(kind, c) for kind in set(self.text.layer_types)}
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            end = used[kind] + c
-            cache.k[i][:, :, used[kind]:end] = k  # canvas keys go to the scratch tail: no copy of the cache
-            cache.v[i][:, :, used[kind]:end] = v
-            out = F.scaled_dot_product_attention(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end],
-                                                 attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            keys, values = context.decoder_keys_values(i, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
             return proj.o_proj(out.transpose(1, 2).reshape(b, c, -1))
 
-        return self.logits(self._stack(x, positions, attend, decoder=True))
+        return self.logits(self._stack(x, context.canvas_positions(c), attend, decoder=True))
+
+    def encode_sequence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, "SequenceKV"]:
+        """Causal pass over whole sequences [B, L] without a cache (training): the final hidden states and every
+        layer's keys/values, from which the decoder can denoise a canvas placed anywhere in the sequence."""
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+        q_pos, k_pos = positions[0][:, None], positions[0][None, :]
+        causal = k_pos <= q_pos
+        masks = {FULL: causal, SLIDING: causal & (k_pos > q_pos - self.text.sliding_window)}
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def attend(i, kind, proj, h, cos, sin):
+            q, k, v = proj.qkv(h, cos, sin)
+            kv.append((k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+        hidden = self._stack(self.embed(tokens), positions, attend, decoder=False)
+        return hidden, SequenceKV(kv, self.text.layer_types, self.text.sliding_window)
+
+
+class SequenceKV:
+    """The encoder's keys/values of whole sequences, seen by a decoder pass as the cache would be: a canvas
+    starting at `canvas_start[b]` sees the positions before it (sliding layers: the last `window - 1`)."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], kinds: list[str], window: int):
+        self.kv, self.kinds, self.window = kv, kinds, window
+        self.canvas_start: torch.Tensor | None = None
+
+    def at(self, canvas_start: torch.Tensor) -> "SequenceKV":
+        """The same keys/values, for canvases starting at `canvas_start` [B]."""
+        view = SequenceKV(self.kv, self.kinds, self.window)
+        view.canvas_start = canvas_start
+        return view
+
+    def canvas_positions(self, c: int) -> torch.Tensor:
+        return self.canvas_start[:, None] + torch.arange(c, device=self.canvas_start.device)
+
+    def decoder_mask(self, kind: str, c: int) -> torch.Tensor:
+        length = self.kv[0][0].shape[2]
+        k_pos = torch.arange(length, device=self.canvas_start.device)[None, :]
+        start = self.canvas_start[:, None]
+        keep = k_pos < start
+        if kind == SLIDING:
+            keep &= k_pos >= start - (self.window - 1)
+        keep = torch.cat([keep, torch.ones(keep.shape[0], c, dtype=torch.bool, device=keep.device)], dim=1)
+        return keep[:, None, None, :]
+
+    def decoder_keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.kv[layer]
+        return torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
