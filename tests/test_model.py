@@ -35,3 +35,32 @@ def test_training_pass_has_gradients_everywhere():
     (logits.logsumexp(-1).mean() + m.logits(hidden).logsumexp(-1).mean()).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+def test_one_pass_mixing_encoder_and_decoder_rows_equals_separate_passes():
+    """Continuous batching: a prefill row and a denoising row share one forward pass."""
+    m = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=2).model
+    g = torch.Generator().manual_seed(0)
+    prompt_a, prompt_b = torch.randint(3, 512, (1, 20), generator=g), torch.randint(3, 512, (1, 9), generator=g)
+    canvas, new = torch.randint(0, 512, (1, 32), generator=g), torch.randint(3, 512, (1, 25), generator=g)
+    self_cond = torch.randn(1, 32, 512, generator=g)
+
+    alone_a, alone_b = KVCache(m.text, 1, 80, 32), KVCache(m.text, 1, 80, 32)
+    m.encode(prompt_a, alone_a)
+    m.encode(prompt_b, alone_b)
+    expected_logits = m.denoise(canvas, alone_a, self_cond)
+    expected_hidden = m.encode(new, alone_b)
+
+    both = KVCache(m.text, 2, 80, 32)
+    tokens = torch.zeros(2, 20, dtype=torch.long)
+    tokens[0], tokens[1, :9] = prompt_a[0], prompt_b[0]
+    m.encode(tokens, both, torch.arange(20)[None, :] < torch.tensor([[20], [9]]))
+    mixed = torch.zeros(2, 32, dtype=torch.long)
+    mixed[0], mixed[1, :25] = canvas[0], new[0]
+    valid = torch.ones(2, 32, dtype=torch.bool)
+    valid[1, 25:] = False
+    hidden = m.forward(mixed, both, valid, denoise=torch.tensor([True, False]),
+                       self_cond_logits=torch.cat([self_cond, torch.zeros_like(self_cond)]))
+    assert torch.allclose(m.logits(hidden[:1]), expected_logits, atol=1e-4)
+    assert torch.allclose(hidden[1, :25], expected_hidden[0], atol=1e-5)
+    assert both.lengths.tolist() == [20, 34]  # the denoising row wrote nothing

@@ -94,26 +94,6 @@ class KVCache:
                 self.slot_pos[kind][:, :cap] = torch.where(pos < new_len, pos, torch.full_like(pos, -1))
         self.lengths += n_new
 
-    # -- the decoder's view -------------------------------------------------------------------------
-    def canvas_positions(self, c: int) -> torch.Tensor:
-        """A canvas continues each row's positions after its cache."""
-        return self.lengths[:, None] + torch.arange(c, device=self.device)
-
-    def decoder_mask(self, kind: str, c: int) -> torch.Tensor:
-        """[B, 1, 1, used + c]: the cached slots that hold tokens, then the whole canvas."""
-        used = self.used(kind)
-        keep = torch.cat([self.slot_pos[kind][:, :used] >= 0,
-                          torch.ones(self.batch, c, dtype=torch.bool, device=self.device)], dim=1)
-        return keep[:, None, None, :]
-
-    def decoder_keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """`[cache ; canvas]` for layer `layer`: the canvas keys/values go to the scratch tail, no copy of the cache."""
-        used = self.used(self.kinds[layer])
-        end = used + k.shape[2]
-        self.k[layer][:, :, used:end] = k
-        self.v[layer][:, :, used:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empty the given rows (a finished request frees its slot)."""
         for pos in self.slot_pos.values():

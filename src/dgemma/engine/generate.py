@@ -21,7 +21,8 @@ import torch
 
 from ..config import ConfigError, GenerationConfig
 from ..model.model import DiffusionGemmaModel
-from ..sampling import CanvasRNG, StableAndConfident, accept_by_entropy, linear_temperature, token_entropy
+from ..sampling import CanvasRNG
+from ..sampling.step import CanvasState, denoise_update
 from .cache import KVCache
 
 
@@ -132,7 +133,6 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     _validate(model, prompts, gen, n_canvases, start)
     b = len(prompts)
     rng = CanvasRNG(generators)
-    stopper = StableAndConfident(gen.stability_threshold, gen.confidence_threshold)
     eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
     pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
     cache = KVCache(model.text, b, max(len(p) for p in prompts) + (n_canvases - 1) * c, c, model.dtype, device)
@@ -141,54 +141,25 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     total_passes = torch.zeros(b, dtype=torch.long, device=device)
     stats = GenerationStats(passes_per_canvas=[[] for _ in range(b)])
     committed: list[torch.Tensor] = []
-    fixed = fixed_tokens = None
-    if start is not None and start.fixed is not None and start.fixed.any():
-        fixed, fixed_tokens = start.fixed.to(device), start.tokens.to(device)
 
     for ci in range(n_canvases):
         model.encode(pending, cache, valid)
         canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
-        if ci == 0 and start is not None:
+        first_given = ci == 0 and start is not None
+        if first_given:
             canvas = start.tokens.to(device)
-        if ci > 0:
-            fixed = None
-        draft, self_cond, passes = canvas, None, torch.zeros(b, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        stopper.reset()
+        fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
+        state = CanvasState.start(canvas, gen, fixed)
+        passes = torch.zeros(b, dtype=torch.long, device=device)
         for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
-            passes += ~(done | finished)
-            logits = model.denoise(canvas, cache, self_cond)
-            scaled = logits / linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
-            new_draft = scaled.argmax(dim=-1)
-            if gen.do_sample:
-                sampled = rng.sample(torch.softmax(scaled, dim=-1, dtype=torch.float32))
-            else:
-                sampled = new_draft
-            entropy = token_entropy(scaled)
-            if fixed is not None:
-                entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
-                sampled = torch.where(fixed, fixed_tokens, sampled)
-                new_draft = torch.where(fixed, fixed_tokens, new_draft)
-            accepted = accept_by_entropy(entropy, gen.entropy_bound)
-            kept = torch.where(accepted, sampled, canvas)
-            new_canvas = torch.where(accepted, kept, rng.tokens(b, c, vocab, device))
-            if fixed is not None:
-                new_canvas = torch.where(fixed, fixed_tokens, new_canvas)
-                free = (~fixed).sum(-1).clamp(min=1)
-                mean_entropy = entropy.sum(-1) / free
-            else:
-                mean_entropy = entropy.mean(dim=-1)
-            if done.any():  # rows that already stopped keep their state
-                new_draft = torch.where(done[:, None], draft, new_draft)
-                new_canvas = torch.where(done[:, None], canvas, new_canvas)
-                scaled = torch.where(done[:, None, None], self_cond, scaled)
-                mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
-            done |= stopper(new_draft, mean_entropy)
-            canvas, draft, self_cond = new_canvas, new_draft, scaled
-            yield DenoiseStep(ci, step, draft, accepted, ~(done | finished))
-            if bool(done.all()):
+            passes += ~(state.done | finished)
+            logits = model.denoise(state.canvas, cache, state.self_cond)
+            accepted = denoise_update(state, logits, steps_left, gen, rng)
+            yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
+            if bool(state.done.all()):
                 break
 
+        draft = state.draft
         tokens = draft.masked_fill(finished[:, None], pad)
         tokens, has_eos = _pad_after_eos(tokens, eos, pad)
         finished |= has_eos

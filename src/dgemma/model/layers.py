@@ -187,8 +187,11 @@ class Block(nn.Module):
         moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).reshape(x.shape)
         return self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
 
-    def forward(self, x: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
-        """`attend(projections, normed_x)` is the encoder's or the decoder's attention."""
+    def forward(self, x: torch.Tensor, attend, decoder: bool | torch.Tensor) -> torch.Tensor:
+        """`attend(projections, normed_x)` is the pass's attention; `decoder` says which stack's scalar applies,
+        for the whole batch or per row ([B] bool, a batch mixing encoder and decoder rows)."""
         x = x + self.post_attention_layernorm(attend(self.self_attn, self.input_layernorm(x)))
         x = x + self.feed_forward(x)
+        if isinstance(decoder, torch.Tensor):
+            return x * torch.where(decoder[:, None, None], self.decoder_layer_scalar, self.layer_scalar)
         return x * (self.decoder_layer_scalar if decoder else self.layer_scalar)

@@ -99,25 +99,41 @@ class DiffusionGemmaModel(nn.Module):
         return self.norm(x)
 
     # -- passes ----------------------------------------------------------------------------------
-    def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache.
+    def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+                denoise: bool | torch.Tensor = False, self_cond_logits: torch.Tensor | None = None,
+                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One pass over new tokens [B, T] placed after each row's cache; returns the final normed hidden states.
 
-        Token t of row b sits at position `cache.lengths[b] + t`. Returns the final normed hidden states.
+        Rows with `denoise` False are encoder rows: causal (sliding window on sliding layers), their valid
+        tokens are written to the cache. Rows with `denoise` True are canvases: bidirectional over
+        `[cache ; canvas]`, self-conditioned, nothing written. One batch may mix both (continuous batching).
+        Token t of row b sits at position `cache.lengths[b] + t`; `valid` False marks right padding.
         """
         b, t = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
-        cache.check_room(valid.sum(dim=1))
+        rows = torch.as_tensor(denoise, device=tokens.device).expand(b)
+        writes = valid & ~rows[:, None]
+        cache.check_room(writes.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
+        x = self.embed(tokens)
+        if bool(rows.any()):
+            soft = None
+            if self_cond_logits is not None:
+                soft = self.soft_embeddings(self_cond_logits)
+                if self_cond_mask is not None:
+                    soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
+            x = torch.where(rows[:, None, None], self.self_conditioning(x, soft), x)
         used, masks, plans = {}, {}, {}
         for kind in cache.slot_pos:
             used[kind] = cache.used(kind)
-            plans[kind] = cache.plan_write(kind, positions, valid, used[kind])
-            # padding tokens keep their (unused) positions: real queries never see them, being causal
+            plans[kind] = cache.plan_write(kind, positions, writes, used[kind])
+            # padding tokens of encoder rows keep their (unused) positions: being causal, real queries never see them
             kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
-            mask = (kpos >= 0) & (kpos <= positions[:, :, None])
+            causal = (kpos >= 0) & (kpos <= positions[:, :, None])
             if kind == SLIDING:
-                mask &= kpos > positions[:, :, None] - cache.window
-            masks[kind] = mask[:, None]
+                causal &= kpos > positions[:, :, None] - cache.window
+            both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
+            masks[kind] = torch.where(rows[:, None, None], both_ways, causal)[:, None]
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
@@ -127,9 +143,13 @@ class DiffusionGemmaModel(nn.Module):
             cache.write(i, plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-        hidden = self._stack(self.embed(tokens), positions, attend, decoder=False)
-        cache.commit(plans, positions, valid)
+        hidden = self._stack(x, positions, attend, decoder=rows)
+        cache.commit(plans, positions, writes)
         return hidden
+
+    def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache."""
+        return self.forward(tokens, cache, valid, denoise=False)
 
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,6 +159,8 @@ class DiffusionGemmaModel(nn.Module):
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
         `self_cond_mask` [B] zeroes the signal for some rows (training).
         """
+        if isinstance(context, KVCache):
+            return self.logits(self.forward(canvas, context, None, True, self_cond_logits, self_cond_mask))
         b, c = canvas.shape
         soft = None
         if self_cond_logits is not None:
