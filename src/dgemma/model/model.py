@@ -133,13 +133,16 @@ class DiffusionGemmaModel(nn.Module):
             if kind == SLIDING:
                 causal &= kpos > positions[:, :, None] - cache.window
             both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
-            masks[kind] = torch.where(rows[:, None, None], both_ways, causal)[:, None]
+            masks[kind] = _sdpa_mask(torch.where(rows[:, None, None], both_ways, causal)[:, None], rows,
+                                     fresh=used[kind] == 0 and (kind == FULL or t < cache.window))
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
             keys = torch.cat([cache.k[i][:, :, :used[kind]], k], dim=2)
             values = torch.cat([cache.v[i][:, :, :used[kind]], v], dim=2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            mask, is_causal = masks[kind]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=1.0,
+                                                 enable_gqa=True)
             cache.write(i, plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -196,6 +199,16 @@ class DiffusionGemmaModel(nn.Module):
 
         hidden = self._stack(self.embed(tokens), positions, attend, decoder=False)
         return hidden, SequenceKV(kv, self.text.layer_types, self.text.sliding_window)
+
+
+def _sdpa_mask(mask: torch.Tensor, decoder_rows: torch.Tensor, fresh: bool) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for SDPA. Where the mask is plain causal or all-visible, leave it out as the
+    reference does: the kernel then blocks its sums differently, and matching it keeps results bit-identical."""
+    if fresh and not bool(decoder_rows.any()):
+        return None, True  # nothing cached and no window cut: plain causal (right padding is never attended)
+    if bool(decoder_rows.all()) and bool(mask.all()):
+        return None, False
+    return mask, False
 
 
 class SequenceKV:
