@@ -1,0 +1,124 @@
+"""`dgemma eval`: held-out loss and line infilling (standard library, HumanEval), diffusion vs the AR baseline.
+
+Prints one JSON object; `--table` writes a Markdown table and `--plot` a PNG of exact match against the
+denoising-step budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from statistics import mean
+
+from ..api import DiffusionGemma
+from .infill import ar_infill, diffusion_infill, passes_tests
+from .loss import heldout_loss
+from .tasks import humaneval_tasks, stdlib_tasks
+
+
+def _diffusion_scores(model, tasks, judge, steps: int, hole: int, oracle: bool = False) -> dict:
+    preds = [diffusion_infill(model, t, hole=hole, steps=steps, seed=i, oracle_length=oracle)
+             for i, t in enumerate(tasks)]
+    return {"score": mean(judge(t, p.text) for t, p in zip(tasks, preds)),
+            "decoder_passes_per_canvas": mean(p.decoder_passes for p in preds),
+            "tokens_per_forward": mean(p.tokens_per_forward for p in preds), "n": len(tasks)}
+
+
+def _ar_scores(model, tasks, judge) -> dict:
+    preds = [ar_infill(model, t) for t in tasks]
+    return {"score": mean(judge(t, p.text) for t, p in zip(tasks, preds)),
+            "forward_passes_per_line": mean(p.decoder_passes for p in preds), "n": len(tasks)}
+
+
+def exact_match(task, line: str) -> bool:
+    return line.strip() == task.middle.strip()
+
+
+def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int, per_file: int, sweep: list[int],
+        humaneval: bool, loss_chunks: int) -> dict:
+    t0 = time.perf_counter()
+    model = DiffusionGemma.from_pretrained(model_dir)
+    ar_model = DiffusionGemma.from_pretrained(ar_model_dir) if ar_model_dir else model
+    stdlib = stdlib_tasks(per_file=per_file)
+    report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole}
+    report["heldout_loss"] = {"diffusion_model": heldout_loss(model, max_chunks=loss_chunks)}
+    if ar_model_dir:
+        report["heldout_loss"]["ar_model"] = heldout_loss(ar_model, max_chunks=loss_chunks)
+    report["stdlib_line_infill"] = {
+        "diffusion": _diffusion_scores(model, stdlib, exact_match, steps, hole),
+        "diffusion_oracle_length": _diffusion_scores(model, stdlib, exact_match, steps, hole, oracle=True),
+        "ar_prefix_only": _ar_scores(ar_model, stdlib, exact_match),
+    }
+    if humaneval:
+        he = humaneval_tasks()
+        report["humaneval_line_infill_pass@1"] = {
+            "diffusion": _diffusion_scores(model, he, passes_tests, steps, hole),
+            "diffusion_oracle_length": _diffusion_scores(model, he, passes_tests, steps, hole, oracle=True),
+            "ar_prefix_only": _ar_scores(ar_model, he, passes_tests),
+        }
+    report["steps_sweep_stdlib"] = {s: _diffusion_scores(model, stdlib, exact_match, s, hole)["score"] for s in sweep}
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def markdown(report: dict) -> str:
+    rows = ["| task | system | score | passes / canvas | tokens / forward |", "| --- | --- | ---: | ---: | ---: |"]
+    for task in ("stdlib_line_infill", "humaneval_line_infill_pass@1"):
+        for system, r in report.get(task, {}).items():
+            rows.append(f"| {task} | {system} | {r['score']:.3f} | "
+                        f"{r.get('decoder_passes_per_canvas', r.get('forward_passes_per_line', 0)):.1f} | "
+                        f"{r.get('tokens_per_forward', 1.0):.2f} |")
+    return "\n".join(rows)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = report["steps_sweep_stdlib"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([int(s) for s in sweep], list(sweep.values()), marker="o", label="diffusion (model-chosen length)")
+    ax.axhline(report["stdlib_line_infill"]["ar_prefix_only"]["score"], color="gray", ls="--", label="AR, prefix only")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("max denoising steps")
+    ax.set_ylabel("exact match (stdlib line infill)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and line infilling, diffusion vs AR")
+    p.add_argument("--model", required=True, help="diffusion model directory")
+    p.add_argument("--ar-model", help="AR baseline directory (default: the same model's AR mode)")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--hole", type=int, default=32, help="places in the hole for the hidden line")
+    p.add_argument("--per-file", type=int, default=10, help="hidden lines per held-out stdlib file")
+    p.add_argument("--sweep", default="2,4,8,16,32", help="step budgets for the accuracy-vs-steps plot")
+    p.add_argument("--no-humaneval", action="store_true")
+    p.add_argument("--loss-chunks", type=int, default=32)
+    p.add_argument("--table", type=Path, help="write a Markdown table here")
+    p.add_argument("--plot", type=Path, help="write the accuracy-vs-steps plot here")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file,
+                 [int(s) for s in args.sweep.split(",") if s], not args.no_humaneval, args.loss_chunks)
+    print(json.dumps(report, indent=2))
+    if args.table:
+        args.table.write_text(markdown(report) + "\n")
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="dgemma")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    raise SystemExit(ns.func(ns))
