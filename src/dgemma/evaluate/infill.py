@@ -16,7 +16,7 @@ from ..api import DiffusionGemma
 from ..engine.generate import CanvasCommit
 from .tasks import InfillTask
 
-FILL_TOKEN = "<|fill|>"
+FILL_TOKEN = "<|fill|>"  # id 4 in dgemma tokenizers (GEMMA4_SPECIAL_IDS)
 
 
 @dataclass
