@@ -59,8 +59,8 @@ def test_one_pass_mixing_encoder_and_decoder_rows_equals_separate_passes():
     mixed[0], mixed[1, :25] = canvas[0], new[0]
     valid = torch.ones(2, 32, dtype=torch.bool)
     valid[1, 25:] = False
-    hidden = m.forward(mixed, both, valid, denoise=torch.tensor([True, False]),
-                       self_cond_logits=torch.cat([self_cond, torch.zeros_like(self_cond)]))
+    soft = torch.cat([m.soft_embeddings(self_cond), torch.zeros(1, 32, m.text.hidden_size)])
+    hidden = m.forward(mixed, both, valid, denoise=torch.tensor([True, False]), self_cond=soft)
     assert torch.allclose(m.logits(hidden[:1]), expected_logits, atol=1e-4)
     assert torch.allclose(hidden[1, :25], expected_hidden[0], atol=1e-5)
     assert both.lengths.tolist() == [20, 34]  # the denoising row wrote nothing

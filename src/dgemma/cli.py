@@ -1,4 +1,5 @@
-"""The `dgemma` command line: `dgemma generate` and `dgemma info`.
+"""The `dgemma` command line: `dgemma generate`, `dgemma info`, `dgemma train`, `dgemma tokenizer train`,
+`dgemma serve`, `dgemma eval`.
 
     dgemma generate "Write a haiku about the sea" --model path/to/checkpoint --chat
     echo "Once upon a time" | dgemma generate --model tiny --max-new-tokens 64 --show-canvas
@@ -102,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", metavar="MODEL", help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_info)
+
+    from .evaluate.run import add_parser as add_eval_parser
+    from .serve.cli import add_serve_parser
+    from .tokenizer_train import add_tokenizer_parser
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
+    add_tokenizer_parser(sub)
+    add_serve_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -10,6 +10,8 @@ scratch where a decoder pass puts the canvas keys/values, so denoising never cop
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import FULL, SLIDING, TextConfig
@@ -93,6 +95,28 @@ class KVCache:
                 pos = new_len - torch.clamp(new_len, max=cap) + torch.arange(cap, device=plan.device)
                 self.slot_pos[kind][:, :cap] = torch.where(pos < new_len, pos, torch.full_like(pos, -1))
         self.lengths += n_new
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache sharing this one's storage (a batch of the active slots)."""
+        view = copy.copy(self)
+        view.batch = stop - start
+        view.k = [k[start:stop] for k in self.k]
+        view.v = [v[start:stop] for v in self.v]
+        view.slot_pos = {kind: pos[start:stop] for kind, pos in self.slot_pos.items()}
+        view.lengths = self.lengths[start:stop]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (its tokens, their positions, its length) into row `dst`, then empty `src`."""
+        held = int(self.lengths[src])
+        for i, kind in enumerate(self.kinds):
+            n = min(self.capacity[kind], held)
+            self.k[i][dst, :, :n] = self.k[i][src, :, :n]
+            self.v[i][dst, :, :n] = self.v[i][src, :, :n]
+        for pos in self.slot_pos.values():
+            pos[dst] = pos[src]
+        self.lengths[dst] = held
+        self.reset_rows(torch.tensor([src], device=self.device))
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Empty the given rows (a finished request frees its slot)."""

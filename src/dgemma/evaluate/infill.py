@@ -1,9 +1,10 @@
 """Filling one hidden line, by diffusion (prefix as context, suffix fixed in the canvas) or by AR (prefix only).
 
 Diffusion: the canvas is `[hole of `hole` places][suffix tokens ...]`; the suffix positions are fixed (never
-re-noised), the hole starts as noise. The model writes the line into the hole and fills the places it does not
-need with the filler token it was trained to emit, so the line's length is the model's own choice. With
-`oracle_length` the hole is exactly as long as the true line (a labelled, easier setting).
+re-noised), the hole starts as noise. The model writes into the hole; the answer is what it writes up to the
+first newline, filler (`<|fill|>`, for models trained to pad holes with it), pad or EOS — so the line's length
+is the model's own choice. With `oracle_length` the hole is exactly as long as the true line (a labelled,
+easier setting).
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def _prefix_ids(model: DiffusionGemma, prefix: str, room: int) -> list[int]:
     return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]  # keep BOS and the nearest context
 
 
-def diffusion_infill(model: DiffusionGemma, task: InfillTask, hole: int = 32, steps: int = 16, seed: int = 0,
-                     oracle_length: bool = False) -> Prediction:
+def diffusion_infill(model: DiffusionGemma, task: InfillTask, hole: int | None = None, steps: int = 16,
+                     seed: int = 0, oracle_length: bool = False) -> Prediction:
+    """`hole` places (default: half the canvas) are the model's to write; the first line written is the answer."""
     tok, c = model.tokenizer, model.config.canvas_length
     fill = filler_id(model)
     if oracle_length:
         hole = len(tok.encode(task.middle, add_bos=False))
-    hole = min(hole, c)
+    hole = min(hole or c // 2, c)
     tail = tok.encode(task.suffix, add_bos=False)[: c - hole]
     if len(tail) < c - hole:  # the text ends inside the canvas: EOS, then pad, as in training
         tail += [tok.eos_id] + [tok.pad_id] * (c - hole - len(tail) - 1)

@@ -18,7 +18,7 @@ from .loss import heldout_loss
 from .tasks import humaneval_tasks, stdlib_tasks
 
 
-def _diffusion_scores(model, tasks, judge, steps: int, hole: int, oracle: bool = False) -> dict:
+def _diffusion_scores(model, tasks, judge, steps: int, hole: int | None, oracle: bool = False) -> dict:
     preds = [diffusion_infill(model, t, hole=hole, steps=steps, seed=i, oracle_length=oracle)
              for i, t in enumerate(tasks)]
     return {"score": mean(judge(t, p.text) for t, p in zip(tasks, preds)),
@@ -36,7 +36,7 @@ def exact_match(task, line: str) -> bool:
     return line.strip() == task.middle.strip()
 
 
-def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int, per_file: int, sweep: list[int],
+def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, per_file: int, sweep: list[int],
         humaneval: bool, loss_chunks: int) -> dict:
     t0 = time.perf_counter()
     model = DiffusionGemma.from_pretrained(model_dir)
@@ -96,7 +96,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="diffusion model directory")
     p.add_argument("--ar-model", help="AR baseline directory (default: the same model's AR mode)")
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--hole", type=int, default=32, help="places in the hole for the hidden line")
+    p.add_argument("--hole", type=int, help="places in the hole for the hidden line (default: half the canvas)")
     p.add_argument("--per-file", type=int, default=10, help="hidden lines per held-out stdlib file")
     p.add_argument("--sweep", default="2,4,8,16,32", help="step budgets for the accuracy-vs-steps plot")
     p.add_argument("--no-humaneval", action="store_true")

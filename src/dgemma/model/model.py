@@ -100,14 +100,14 @@ class DiffusionGemmaModel(nn.Module):
 
     # -- passes ----------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                denoise: bool | torch.Tensor = False, self_cond_logits: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                denoise: bool | torch.Tensor = False, self_cond: torch.Tensor | None = None) -> torch.Tensor:
         """One pass over new tokens [B, T] placed after each row's cache; returns the final normed hidden states.
 
         Rows with `denoise` False are encoder rows: causal (sliding window on sliding layers), their valid
         tokens are written to the cache. Rows with `denoise` True are canvases: bidirectional over
-        `[cache ; canvas]`, self-conditioned, nothing written. One batch may mix both (continuous batching).
-        Token t of row b sits at position `cache.lengths[b] + t`; `valid` False marks right padding.
+        `[cache ; canvas]`, self-conditioned on `self_cond` (soft embeddings [B, T, H] from `soft_embeddings`,
+        zero for rows without; None on a first pass), nothing written. One batch may mix both (continuous
+        batching). Token t of row b sits at position `cache.lengths[b] + t`; `valid` False marks right padding.
         """
         b, t = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
@@ -117,12 +117,7 @@ class DiffusionGemmaModel(nn.Module):
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
         x = self.embed(tokens)
         if bool(rows.any()):
-            soft = None
-            if self_cond_logits is not None:
-                soft = self.soft_embeddings(self_cond_logits)
-                if self_cond_mask is not None:
-                    soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
-            x = torch.where(rows[:, None, None], self.self_conditioning(x, soft), x)
+            x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
         used, masks, plans = {}, {}, {}
         for kind in cache.slot_pos:
             used[kind] = cache.used(kind)
@@ -162,14 +157,14 @@ class DiffusionGemmaModel(nn.Module):
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
         `self_cond_mask` [B] zeroes the signal for some rows (training).
         """
-        if isinstance(context, KVCache):
-            return self.logits(self.forward(canvas, context, None, True, self_cond_logits, self_cond_mask))
-        b, c = canvas.shape
         soft = None
         if self_cond_logits is not None:
             soft = self.soft_embeddings(self_cond_logits)
             if self_cond_mask is not None:
                 soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
+        if isinstance(context, KVCache):
+            return self.logits(self.forward(canvas, context, None, True, soft))
+        b, c = canvas.shape
         x = self.self_conditioning(self.embed(canvas), soft)
         masks = {kind: context.decoder_mask(kind, c) for kind in set(self.text.layer_types)}
 

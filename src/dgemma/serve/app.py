@@ -1,0 +1,80 @@
+"""The FastAPI app: OpenAI-compatible routes over a `Scheduler`, plus `/health` and `/metrics`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..api import DiffusionGemma
+from ..engine.scheduler import Scheduler
+from .errors import install_error_handlers
+from .jobs import JobBuilder, Limits
+from .metrics import Metrics
+from .middleware import RequestGuard, RequestMetrics
+from .output import TextDecoder
+from .protocol import ChatRequest, CompletionRequest, model_card
+from .respond import Runner
+
+ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    timeout_s: float = 600.0
+    limits: Limits = field(default_factory=Limits)
+
+
+def create_app(model: DiffusionGemma, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
+    """The app; its lifespan starts the scheduler's thread (unless already running) and stops it."""
+    jobs = JobBuilder(model, settings.model_name, settings.limits)
+    metrics = Metrics(scheduler)
+    runner = Runner(scheduler, TextDecoder(model.tokenizer), metrics, settings.model_name, set(jobs.stop_ids),
+                    jobs.gen.pad_token_id, settings.timeout_s)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        owned = not scheduler.running
+        if owned:
+            scheduler.start()
+        yield
+        if owned:
+            scheduler.stop()
+
+    app = FastAPI(title="dgemma", summary="DiffusionGemma, OpenAI-compatible", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = scheduler.running
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = model_card(settings.model_name, created, model.config.canvas_length, scheduler.max_len)
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await runner.respond(jobs.completion(body), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        return await runner.respond(jobs.chat(body), request)
+
+    return app

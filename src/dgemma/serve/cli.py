@@ -1,0 +1,113 @@
+"""`dgemma serve`: load a model, size the KV cache, and run the OpenAI-compatible server with uvicorn.
+
+Imports nothing beyond the standard library at module level, so the rest of the CLI works without the
+`serve` extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve DiffusionGemma over HTTP: /v1/models, /v1/completions (with `suffix` infilling), "
+                    "/v1/chat/completions, /health and Prometheus /metrics. Requests are batched continuously.",
+        epilog="The API key may also be given in the DGEMMA_API_KEY environment variable (kept out of `ps`).")
+    s.add_argument("--model", default="tiny", metavar="PATH_OR_PRESET", help="checkpoint directory or preset")
+    s.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model's name)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--max-slots", type=_positive_int, default=16, metavar="N",
+                   help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
+    s.add_argument("--kv-cache-gib", type=_positive_float, default=4.0, metavar="GIB",
+                   help="KV-cache memory budget; fixes the number of slots (default 4)")
+    s.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot, at most")
+    s.add_argument("--max-prompt-tokens", type=_positive_int, default=2048, metavar="N")
+    s.add_argument("--max-tokens", type=_positive_int, default=1024, metavar="N", help="max_tokens allowed")
+    s.add_argument("--max-n", type=_positive_int, default=8, metavar="N", help="choices per request allowed")
+    s.add_argument("--max-denoising-steps", type=_positive_int, default=256, metavar="N",
+                   help="max_denoising_steps allowed")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N")
+    s.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
+                   help="seconds a request may take, queueing included")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
+    s.add_argument("--device", help="torch device (default: cuda if available)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..api import DiffusionGemma
+    from ..config import ConfigError
+    from ..engine.scheduler import Scheduler, slots_for_budget
+    from .app import ServeSettings, create_app
+    from .jobs import Limits
+
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    c = model.config.canvas_length
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_denoising_steps)
+    # the last canvas is never encoded: a request holds its prompt and all but one of its canvases
+    max_len = limits.prompt_tokens + (math.ceil(limits.max_tokens / c) - 1) * c
+    context = model.config.text_config.max_position_embeddings
+    if limits.prompt_tokens + math.ceil(limits.max_tokens / c) * c > context:
+        raise ConfigError(f"--max-prompt-tokens {limits.prompt_tokens} + --max-tokens {limits.max_tokens} (whole "
+                          f"canvases of {c}) exceed the model context of {context}")
+    slots = slots_for_budget(model.config.text_config, max_len, c, model.model.dtype, int(args.kv_cache_gib * 2**30),
+                             args.max_slots)
+    scheduler = Scheduler(model.model, slots, max_len, args.max_queue)
+    name = args.served_model_name or Path(args.model).name
+    api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    settings = ServeSettings(name, api_key, args.max_body_bytes, args.timeout, limits)
+    app = create_app(model, scheduler, settings)
+    print(f"dgemma: serving {name!r} on http://{args.host}:{args.port}: {slots} slots of {max_len} tokens, "
+          f"queue {args.max_queue}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,143 @@
+"""From a validated request body to a `Job`: prompt tokens, sampler settings, limits, one request per choice."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from ..api import DiffusionGemma
+from ..config import ConfigError, GenerationConfig
+from ..engine.scheduler import Request
+from .errors import APIError
+from .infill import hole_size, infill_canvas
+from .protocol import ChatRequest, CompletionRequest, SamplingRequest
+
+_RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "bos_token", "eos_token", "pad_token"}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (the server's guard against requests that would hog it)."""
+
+    prompt_tokens: int = 2048
+    max_tokens: int = 1024
+    n: int = 8
+    denoising_steps: int = 256
+
+
+@dataclass
+class Job:
+    """A request ready for the scheduler: one scheduler request per choice, and how to present the output."""
+
+    id: str
+    object: str  # "text_completion" or "chat.completion"
+    prompt_tokens: int
+    requests: list[Request]
+    limit: int  # tokens kept per choice
+    hole: int | None  # infilling: positions of the canvas that make the completion
+    stop_strings: list[str]
+    stream: bool
+    include_usage: bool
+    include_drafts: bool
+
+    @property
+    def chat(self) -> bool:
+        return self.object == "chat.completion"
+
+
+class JobBuilder:
+    def __init__(self, model: DiffusionGemma, model_name: str, limits: Limits):
+        if model.tokenizer is None:
+            raise ConfigError("the model has no tokenizer (tokenizer.json missing): it cannot be served")
+        self.tokenizer, self.model_name, self.limits = model.tokenizer, model_name, limits
+        self.canvas_length = model.config.canvas_length
+        self.vocab_size = model.config.text_config.vocab_size
+        self.device = model.device
+        base = model.generation_config
+        self.stop_ids = list(dict.fromkeys([*(base.eos_token_id or []), *self.tokenizer.stop_ids]))
+        self.gen = base.updated(eos_token_id=self.stop_ids)
+
+    def completion(self, body: CompletionRequest) -> Job:
+        prompt = self.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        if not body.suffix:
+            return self._job(body, "text_completion", "cmpl", prompt, self._max_tokens(body.max_tokens))
+        suffix = self.tokenizer.encode(body.suffix, add_bos=False)
+        if len(suffix) >= self.canvas_length:
+            raise APIError(400, f"suffix has {len(suffix)} tokens; infilling takes at most {self.canvas_length - 1} "
+                                f"(one canvas holds the completion and the suffix)", param="suffix")
+        hole = hole_size(self._max_tokens(body.max_tokens), len(suffix), self.canvas_length)
+        return self._job(body, "text_completion", "cmpl", prompt, hole, suffix=suffix)
+
+    def chat(self, body: ChatRequest) -> Job:
+        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens disagree; pass one of them",
+                           param="max_completion_tokens")
+        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens)
+        kwargs = dict(body.chat_template_kwargs or {})
+        thinking = kwargs.pop("enable_thinking", None)
+        thinking = thinking if body.enable_thinking is None else body.enable_thinking
+        if not isinstance(thinking, (bool, type(None))):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if reserved:
+            raise APIError(400, f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs")
+        try:
+            prompt = self.tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
+                                                        add_generation_prompt=True, enable_thinking=bool(thinking),
+                                                        tokenize=True, **kwargs)
+        except Exception as e:  # the template renders user input: whatever it rejects is a bad request
+            raise APIError(400, f"chat template: {e}", param="messages") from e
+        return self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens)
+
+    # -- shared ------------------------------------------------------------------------------------
+    def _max_tokens(self, requested: int | None) -> int:
+        if requested is None:
+            return min(self.gen.max_new_tokens, self.limits.max_tokens)
+        if requested > self.limits.max_tokens:
+            raise APIError(400, f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens}",
+                           param="max_tokens")
+        return requested
+
+    def _generation_config(self, body: SamplingRequest, max_new_tokens: int) -> GenerationConfig:
+        steps = body.max_denoising_steps
+        if steps is not None and steps > self.limits.denoising_steps:
+            raise APIError(400, f"max_denoising_steps is {steps}; this server allows at most "
+                                f"{self.limits.denoising_steps}", param="max_denoising_steps")
+        settings = body.sampler_settings()
+        settings["max_denoising_steps"] = steps or min(self.gen.max_denoising_steps, self.limits.denoising_steps)
+        gen = self.gen.updated(max_new_tokens=max_new_tokens, **settings)
+        try:
+            gen.validate()
+        except ConfigError as e:
+            raise APIError(400, str(e)) from e
+        return gen
+
+    def _job(self, body: SamplingRequest, object_: str, prefix: str, prompt: list[int], limit: int,
+             suffix: list[int] | None = None) -> Job:
+        if body.model != self.model_name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if body.n > self.limits.n:
+            raise APIError(400, f"n is {body.n}; this server allows at most {self.limits.n}", param="n")
+        if len(prompt) > self.limits.prompt_tokens:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this server allows at most "
+                                f"{self.limits.prompt_tokens}", param="messages" if object_ != "text_completion"
+                           else "prompt", code="context_length_exceeded")
+        gen = self._generation_config(body, limit)
+        base_seed = body.seed if body.seed is not None else secrets.randbits(63)
+        requests = []
+        for i in range(body.n):
+            seed = (base_seed + i) % 2**64
+            start = None if suffix is None else infill_canvas(suffix, limit, self.canvas_length, self.vocab_size,
+                                                                seed, self.device)
+            requests.append(Request(prompt, gen, seed, start, include_drafts=self._drafts(body)))
+        options = body.stream_options
+        return Job(f"{prefix}-{uuid.uuid4().hex}", object_, len(prompt), requests, limit,
+                   limit if suffix is not None else None, body.stop_strings(), body.stream,
+                   bool(options and options.include_usage), self._drafts(body))
+
+    @staticmethod
+    def _drafts(body: SamplingRequest) -> bool:
+        return bool(body.stream and body.stream_options and body.stream_options.include_drafts)
+

@@ -1,0 +1,98 @@
+"""From committed canvases to a choice's text: stop tokens, stop strings, reasoning, streaming deltas.
+
+Streaming sends only text that later tokens cannot change, so the deltas add up to the final text exactly:
+the decoding of the tokens up to the last one that is not a byte-fallback token (a run of byte tokens is
+decoded as a unit, and one bad byte turns the whole run into U+FFFD), less a tail that could still grow
+into a stop string, and no reasoning while the `thought` label of a thought channel may still be arriving.
+"""
+
+from __future__ import annotations
+
+from ..tokenizer import CHANNEL_END, CHANNEL_START, THOUGHT_LABEL, Tokenizer, split_reasoning
+
+
+class TextDecoder:
+    """Decodes generated tokens to (reasoning, content); built once per tokenizer."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        specials = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        markers = {tokenizer.token_to_id(CHANNEL_START), tokenizer.token_to_id(CHANNEL_END)}
+        self._drop = specials - markers  # kept: the channel markers that delimit reasoning
+        self._byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
+
+    def decode(self, tokens: list[int], reasoning: bool) -> tuple[str, str]:
+        """Completions: ("", text without special tokens). Chat: the thought channel split off as reasoning."""
+        if not reasoning:
+            return "", self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return split_reasoning(self.tokenizer.decode([t for t in tokens if t not in self._drop]))
+
+    def stable_length(self, tokens: list[int]) -> int:
+        """How many leading tokens decode to text that no later token changes: up to the last non-byte token."""
+        end = len(tokens)
+        while end and tokens[end - 1] in self._byte_ids:
+            end -= 1
+        return end
+
+
+class ChoiceOutput:
+    """One choice as its canvases commit: its first `limit` generated positions up to the first stop token,
+    the text cut at the first stop string, and streaming deltas."""
+
+    def __init__(self, decoder: TextDecoder, stop_ids: set[int], stop_strings: list[str], reasoning: bool,
+                 pad_id: int, limit: int):
+        self.decoder, self.stop_ids, self.stop_strings = decoder, stop_ids, stop_strings
+        self.reasoning, self.pad_id, self.limit = reasoning, pad_id, limit
+        self.positions = 0  # generated positions seen, at most `limit`
+        self.tokens: list[int] = []
+        self.completion_tokens = 0  # generated non-pad tokens, the stop token included
+        self.decoder_passes = 0
+        self.finish_reason: str | None = None
+        self._sent = ("", "")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add_canvas(self, tokens: list[int], passes: int) -> None:
+        self.decoder_passes += passes
+        kept = tokens[:self.limit - self.positions]
+        self.positions += len(kept)
+        for t in kept:
+            self.completion_tokens += int(t != self.pad_id)
+            if t in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            self.tokens.append(t)
+        if self._stop_string_at(self.decoder.decode(self.tokens, self.reasoning)[1]) is not None:
+            self.finish_reason = "stop"
+        elif self.positions == self.limit:
+            self.finish_reason = "length"
+
+    def end(self) -> None:
+        """The generation ended without a stop: it ran out of tokens."""
+        self.finish_reason = self.finish_reason or "length"
+
+    def _stop_string_at(self, content: str) -> int | None:
+        hits = [i for i in (content.find(s) for s in self.stop_strings) if i >= 0]
+        return min(hits) if hits else None
+
+    def text(self) -> tuple[str, str]:
+        """(reasoning, content), content cut before the first stop string."""
+        reasoning, content = self.decoder.decode(self.tokens, self.reasoning)
+        return reasoning, content[:self._stop_string_at(content)]
+
+    def delta(self) -> tuple[str, str]:
+        """What the text adds to what was sent before; until the choice finishes, only its stable part."""
+        if self.finished:
+            reasoning, content = self.text()
+        else:
+            stable = self.tokens[:self.decoder.stable_length(self.tokens)]
+            reasoning, content = self.decoder.decode(stable, self.reasoning)
+            hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+            content = content[:max(len(content) - hold, 0)]
+            reasoning = "" if THOUGHT_LABEL.startswith(reasoning) else reasoning
+        sent = [new if new.startswith(old) else old for new, old in zip((reasoning, content), self._sent)]
+        deltas = (sent[0][len(self._sent[0]):], sent[1][len(self._sent[1]):])
+        self._sent = (sent[0], sent[1])
+        return deltas

@@ -1,0 +1,111 @@
+"""Request schemas (pydantic) and response shapes of the OpenAI-compatible API.
+
+Standard OpenAI fields keep their meaning. DiffusionGemma's sampler settings are extra top-level fields
+(`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`),
+chat takes `enable_thinking` (or `chat_template_kwargs: {"enable_thinking": ...}`), and streaming takes
+`stream_options.include_drafts` for a chunk per denoising step. Unknown fields are rejected (400), not ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    include_drafts: bool = Field(False, description="dgemma: a chunk with the draft after every denoising step")
+
+
+class SamplingRequest(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1, description="rounded up to whole canvases; the output is cut")
+    n: int = Field(1, ge=1, description="choices; choice i uses seed + i")
+    stop: str | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, **SEED_RANGE)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    max_denoising_steps: int | None = Field(None, ge=1)
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, gt=0)
+
+    def sampler_settings(self) -> dict[str, Any]:
+        keys = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                "confidence_threshold")
+        return {k: getattr(self, k) for k in keys}
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[Annotated[int, Field(ge=0)]]
+    suffix: str | None = Field(None, description="infilling: the text the completion must lead into")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    reasoning_content: str | None = None  # accepted in history, not shown to the model
+
+    def template_dict(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else [p.model_dump() for p in self.content]
+        return {"role": self.role, "content": content}
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    enable_thinking: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+# -- responses -------------------------------------------------------------------------------------------
+
+def model_card(name: str, created: int, canvas_length: int, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "dgemma", "canvas_length": canvas_length,
+            "max_model_len": max_model_len}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, decoder_passes: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "decoder_passes": decoder_passes,
+            "tokens_per_forward": completion_tokens / decoder_passes if decoder_passes else 0.0}
+
+
+def envelope(id_: str, object_: str, created: int, model: str, choices: list[dict[str, Any]],
+             **extra: Any) -> dict[str, Any]:
+    return {"id": id_, "object": object_, "created": created, "model": model, "choices": choices, **extra}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, **extra: Any) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, **extra}
+
+
+def chat_message(reasoning: str, content: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+
+
+def chat_choice(index: int, message: dict[str, Any], finish_reason: str | None, *, delta: bool = False,
+                **extra: Any) -> dict[str, Any]:
+    return {"index": index, "delta" if delta else "message": message, "logprobs": None,
+            "finish_reason": finish_reason, **extra}

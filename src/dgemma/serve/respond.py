@@ -1,0 +1,177 @@
+"""Running a `Job` on the scheduler and answering it: one JSON body, or server-sent events.
+
+Streaming sends a chunk per committed canvas (the text it adds), a draft chunk per denoising step when asked
+(`stream_options.include_drafts`: an empty delta plus a `draft` object, which standard clients ignore), a
+final chunk per choice with its `finish_reason`, the usage when asked, then `data: [DONE]`. A client that
+disconnects, a timeout, or a choice that hit a stop string cancels the scheduler requests at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response
+
+from ..config import ConfigError
+from ..engine.generate import CanvasCommit, DenoiseStep, GenerationResult
+from ..engine.scheduler import AsyncStreams, Event, QueueFull, RequestFailed, Scheduler
+from .errors import APIError
+from .jobs import Job
+from .metrics import Metrics
+from .output import ChoiceOutput, TextDecoder
+from .protocol import chat_choice, chat_message, completion_choice, envelope, usage
+
+
+@dataclass
+class Runner:
+    """What answering a job needs from the server."""
+
+    scheduler: Scheduler
+    decoder: TextDecoder
+    metrics: Metrics
+    model_name: str
+    stop_ids: set[int]
+    pad_id: int
+    timeout_s: float
+
+    async def respond(self, job: Job, http: HTTPRequest) -> Response:
+        try:
+            streams = AsyncStreams(self.scheduler, job.requests)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}", code="queue_full", headers={"Retry-After": "1"}) from e
+        except ConfigError as e:
+            raise APIError(400, str(e), code="invalid_value") from e
+        run = _Run(self, job, streams)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, streams))
+        if job.stream:
+            return StreamingResponse(run.sse(watcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            async for _ in run.chunks():
+                pass
+        except TimeoutError as e:
+            raise _timeout(self.timeout_s) from e
+        finally:
+            watcher.cancel()
+        return JSONResponse(run.body())
+
+
+async def _cancel_on_disconnect(http: HTTPRequest, streams: AsyncStreams) -> None:
+    """Wait for the client to go away (the body is already read), then free its slots."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    streams.cancel()
+
+
+def _timeout(seconds: float) -> APIError:
+    return APIError(504, f"the generation did not finish within {seconds:g} s", code="timeout")
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _Run:
+    """One job's choices as their events arrive."""
+
+    def __init__(self, runner: Runner, job: Job, streams: AsyncStreams):
+        self.runner, self.job, self.streams = runner, job, streams
+        self.choices = [ChoiceOutput(runner.decoder, runner.stop_ids, job.stop_strings, job.chat, runner.pad_id,
+                                     job.limit) for _ in job.requests]
+        self.arrived = time.perf_counter()
+        self.created = int(time.time())
+        self.first_canvas = True
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Consume the scheduler's events; yield the stream's chunks (none for a non-streaming job)."""
+        if self.job.stream and self.job.chat:
+            for i in range(len(self.choices)):
+                yield self._chunk(i, {"role": "assistant", "content": ""}, "", None)
+        try:
+            async for index, event in self.streams.events(self.runner.timeout_s):
+                chunk = self._apply(index, event)
+                if chunk is not None and self.job.stream:
+                    yield chunk
+        finally:
+            self.streams.cancel()
+
+    def _apply(self, index: int, event: Event) -> dict[str, Any] | None:
+        choice = self.choices[index]
+        if isinstance(event, RequestFailed):
+            if event.reason == "error":
+                raise APIError(500, event.message, code="engine_error")
+            return None  # cancelled: by us after a stop, or because the client left
+        if choice.finished:
+            return None  # events that were in flight when a stop string cancelled the request
+        if isinstance(event, DenoiseStep):
+            return self._draft(index, event)
+        if isinstance(event, CanvasCommit):
+            self._commit(index, event)
+        elif isinstance(event, GenerationResult):
+            choice.end()
+        if not self.job.stream:
+            return None
+        reasoning, content = choice.delta()
+        return self._chunk(index, {"content": content, "reasoning_content": reasoning}, content,
+                           choice.finish_reason)
+
+    def _commit(self, index: int, event: CanvasCommit) -> None:
+        tokens, passes = event.tokens[0].tolist(), int(event.passes[0])
+        self.choices[index].add_canvas(tokens, passes)
+        self.runner.metrics.canvas(sum(t != self.runner.pad_id for t in tokens), passes)
+        if self.first_canvas:
+            self.runner.metrics.first_canvas.observe(time.perf_counter() - self.arrived)
+            self.first_canvas = False
+        if self.choices[index].finished:
+            self.streams.cancel(index)
+
+    def _draft(self, index: int, event: DenoiseStep) -> dict[str, Any]:
+        draft = event.draft[0].tolist()[:self.job.hole]
+        info = {"canvas_index": event.canvas_index, "step": event.step, "accepted": int(event.accepted.sum()),
+                "text": self.runner.decoder.tokenizer.decode(draft, skip_special_tokens=True)}
+        return self._chunk(index, {}, "", None, draft=info)
+
+    def _chunk(self, index: int, delta: dict[str, Any], text: str, finish_reason: str | None,
+               **extra: Any) -> dict[str, Any]:
+        if self.job.chat:
+            delta = {k: v for k, v in delta.items() if v or k == "role"}
+            choice = chat_choice(index, delta, finish_reason, delta=True, **extra)
+            return envelope(self.job.id, "chat.completion.chunk", self.created, self.runner.model_name, [choice])
+        return envelope(self.job.id, "text_completion", self.created, self.runner.model_name,
+                        [completion_choice(index, text, finish_reason, **extra)])
+
+    def usage(self) -> dict[str, Any]:
+        return usage(self.job.prompt_tokens, sum(c.completion_tokens for c in self.choices),
+                     sum(c.decoder_passes for c in self.choices))
+
+    def body(self) -> dict[str, Any]:
+        """The non-streaming answer."""
+        choices = []
+        for i, c in enumerate(self.choices):
+            reasoning, content = c.text()
+            choices.append(chat_choice(i, chat_message(reasoning, content), c.finish_reason) if self.job.chat
+                           else completion_choice(i, content, c.finish_reason))
+        return envelope(self.job.id, self.job.object, self.created, self.runner.model_name, choices,
+                        usage=self.usage())
+
+    async def sse(self, watcher: asyncio.Task) -> AsyncIterator[str]:
+        try:
+            async for chunk in self.chunks():
+                yield _sse(chunk)
+            if self.job.include_usage:
+                kind = "chat.completion.chunk" if self.job.chat else "text_completion"
+                yield _sse(envelope(self.job.id, kind, self.created, self.runner.model_name, [], usage=self.usage()))
+            yield _sse("[DONE]")
+        except TimeoutError:
+            yield _sse(_timeout(self.runner.timeout_s).body())
+        except APIError as e:
+            yield _sse(e.body())
+        finally:
+            watcher.cancel()

@@ -1,0 +1,51 @@
+"""The model and tokenizer a run starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..api import DiffusionGemma
+from ..config import PRESETS, ConfigError, DiffusionGemmaConfig, preset
+from ..tokenizer import Tokenizer
+
+
+def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | None = None,
+              seed: int = 0) -> DiffusionGemma:
+    """A checkpoint directory, or random weights for a preset name or a `config.json` file.
+
+    `tokenizer_dir` (a folder with tokenizer.json) replaces the model's tokenizer; a randomly initialised model
+    takes the tokenizer's vocabulary size, a checkpoint must already have room for it.
+    """
+    tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None
+    if config_json is not None or not Path(model).is_dir():
+        config = _config(model, config_json)
+        if tokenizer is not None:
+            text = dataclasses.replace(config.text_config, vocab_size=tokenizer.vocab_size)
+            config = dataclasses.replace(config, text_config=text)
+        base = DiffusionGemma.from_config(config, seed=seed)
+    else:
+        base = DiffusionGemma.from_pretrained(model)
+    if tokenizer is not None:
+        if tokenizer.vocab_size > base.config.text_config.vocab_size:
+            raise ConfigError(f"tokenizer {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocabulary is {base.config.text_config.vocab_size}")
+        base.tokenizer = tokenizer
+    if base.tokenizer is None:
+        raise ConfigError(f"model {model!r} comes without a tokenizer: pass --tokenizer DIR")
+    return base
+
+
+def _config(model: str, config_json: str | None) -> DiffusionGemmaConfig:
+    if config_json is None:
+        if model not in PRESETS:
+            raise ConfigError(f"{model}: no such model directory (known presets: {', '.join(PRESETS)})")
+        return preset(model)
+    path = Path(config_json)
+    try:
+        return DiffusionGemmaConfig.from_hf_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,119 @@
+"""`dgemma train` and `dgemma train merge`: the command line over `dgemma.train`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from ..config import PRESETS
+from .objective import WEIGHTINGS
+
+EPILOG = """\
+inputs: text files and folders (one document per file; --ext filters what a folder walk finds) and JSONL
+files with {"text"}, {"prompt", "completion"} (loss on the completion) or {"messages"} (chat; loss on the final
+assistant message). Examples are packed into --seq-len rows unless --no-pack.
+
+output: OUT/checkpoint-STEP/ (Hugging Face layout, loadable by `dgemma generate --model`; with --lora the
+adapter), OUT/metrics.jsonl, OUT/loss_curve.png. Ctrl-C saves a checkpoint; --resume continues exactly.
+
+several processes: torchrun --nproc_per_node 2 -m dgemma train ... (the global --batch-size is split).
+"""
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train or fine-tune a model (diffusion + AR loss)",
+                       description="Train DiffusionGemma: the decoder denoises a corrupted canvas of each example "
+                                   "and the encoder learns next-token prediction, with shared weights.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = t.add_argument_group("data")
+    data.add_argument("--data", action="extend", nargs="+", metavar="PATH",
+                      help="files, folders or JSONL files (a shell glob works; repeatable)")
+    data.add_argument("--ext", action="append", metavar="EXT", help="only files ending in EXT in folders (e.g. .py)")
+    data.add_argument("--seq-len", type=int, default=512, metavar="L", help="tokens per row (default 512)")
+    data.add_argument("--no-pack", dest="pack", action="store_false",
+                      help="one example per row (padded) instead of packing")
+    data.add_argument("--eval-data", action="extend", nargs="+", default=[], metavar="PATH",
+                      help="inputs held out for evaluation (never trained on, even if --data includes them)")
+    data.add_argument("--holdout-frac", type=float, default=0.01, metavar="F",
+                      help="fraction of --data files/examples held out too, by hash (default 0.01)")
+    model = t.add_argument_group("model")
+    model.add_argument("--model", default="tiny", metavar="DIR_OR_PRESET",
+                       help=f"checkpoint to start from, or a preset with random weights ({', '.join(PRESETS)})")
+    model.add_argument("--config-json", metavar="FILE", help="random weights for this config.json instead")
+    model.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (a random model takes its vocab size)")
+    model.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
+    model.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 2R)")
+    model.add_argument("--merge", action="store_true", help="with --lora: also write OUT/merged, a full checkpoint")
+    opt = t.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps (default 1000)")
+    opt.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per step, all processes (default 8)")
+    opt.add_argument("--accum", type=int, default=1, metavar="K", help="micro-batches per step (default 1)")
+    opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    opt.add_argument("--warmup", type=int, default=100, metavar="N", help="warmup steps (default 100)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, metavar="W", help="AdamW weight decay (default 1e-4)")
+    opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    opt.add_argument("--weighting", choices=WEIGHTINGS, default="unweighted",
+                     help="diffusion loss weight per example: none, or 1/(1-t) (default unweighted)")
+    opt.add_argument("--ar-weight", type=float, default=1.0, metavar="W", help="weight of the AR loss (default 1)")
+    run = t.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="output directory")
+    run.add_argument("--eval-every", type=int, default=200, metavar="N", help="held-out loss every N steps")
+    run.add_argument("--save-every", type=int, default=500, metavar="N", help="checkpoint every N steps")
+    run.add_argument("--log-every", type=int, default=10, metavar="N", help="plain progress line every N steps "
+                                                                             "(without tqdm)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default 0)")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    run.add_argument("--device", help="torch device (default: cuda if available)")
+    t.set_defaults(func=cmd_train)
+
+    actions = t.add_subparsers(dest="train_command", title="actions", metavar="merge")
+    m = actions.add_parser("merge", help="fold a LoRA adapter into its base model",
+                           description="Write a full checkpoint: the base model with the adapter merged in.")
+    m.add_argument("adapter", metavar="ADAPTER_DIR", help="a checkpoint directory of a --lora run")
+    m.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    m.add_argument("--base", metavar="DIR", help="base model (default: the one recorded in the adapter)")
+    m.set_defaults(func=cmd_merge)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+    from .config import TrainConfig
+    from .loop import train
+
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if not value]
+    if missing:
+        raise CLIError(f"train needs {' and '.join(missing)}")
+    # the options are named after TrainConfig's fields; the rest keep their defaults
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    main_process = os.environ.get("RANK", "0") == "0"
+    logger = logging.getLogger("dgemma.train")
+    level = logger.level
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    try:
+        checkpoint = train(cfg)
+    finally:
+        logger.setLevel(level)
+    if main_process:
+        print(checkpoint)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..cli import CLIError
+    from .base import load_base
+    from .lora import adapter_base, attach_adapter, merge_lora
+
+    adapter = Path(args.adapter)
+    base = args.base or adapter_base(adapter)
+    if base is None:
+        raise CLIError(f"{adapter}: the adapter names no base model; pass --base DIR")
+    model = load_base(base)
+    attach_adapter(model.model, adapter)
+    merge_lora(model.model)
+    model.save_pretrained(args.out)
+    print(args.out)
+    return 0

@@ -1,0 +1,63 @@
+"""The settings of a training run (the `dgemma train` options, by the same names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError
+from .objective import WEIGHTINGS
+
+# settings a resumed run must share with the run it continues
+RESUME_FIXED = ("data", "ext", "eval_data", "holdout_frac", "pack", "seq_len", "batch_size", "seed", "model",
+                "config_json", "tokenizer", "lora", "lora_alpha")
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    model: str = "tiny"
+    config_json: str | None = None
+    tokenizer: str | None = None
+    ext: list[str] | None = None
+    eval_data: list[str] = field(default_factory=list)
+    holdout_frac: float = 0.01
+    pack: bool = True
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 512
+    accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.99)
+    clip: float = 1.0
+    weighting: str = "unweighted"
+    diffusion_weight: float = 1.0
+    ar_weight: float = 1.0
+    self_cond_prob: float = 0.5
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    lora: int = 0
+    lora_alpha: float | None = None
+    merge: bool = False
+    resume: bool = False
+    device: str | None = None
+
+    def validate(self, world_size: int) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        for name in ("steps", "batch_size", "accum", "eval_every", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2 or self.seed < 0 or self.lora < 0 or not 0 <= self.holdout_frac < 1:
+            raise ConfigError("need seq_len >= 2, seed >= 0, lora >= 0 and 0 <= holdout_frac < 1")
+        if self.batch_size < world_size * self.accum:
+            raise ConfigError(f"batch size {self.batch_size} is smaller than processes x accumulation steps "
+                              f"({world_size} x {self.accum})")
+        if self.merge and not self.lora:
+            raise ConfigError("--merge needs --lora")

@@ -1,0 +1,256 @@
+"""The training loop: AdamW with warmup-cosine, gradient clipping and accumulation, held-out evaluation,
+checkpoints, exact resume, signals, data parallelism.
+
+Exactness: a step's batch comes from the `BatchStream` position and its noise from a generator seeded by
+(seed, step); the learning rate is a function of the step. So N steps straight, and N/2 steps + `--resume` +
+N/2 steps, produce the same weights, and so do 1 and 2 processes up to float summation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..api import DiffusionGemma
+from ..config import ConfigError
+from ..tokenizer import Tokenizer
+from .base import load_base
+from .batches import Batch, BatchStream, derive_seed, make_rows
+from .checkpoint import OPTIMIZER_FILE, TrainerState, last_checkpoint, save_checkpoint
+from .config import RESUME_FIXED, TrainConfig
+from .data import DataError, read_records, split_records, tokenize
+from .distributed import Distributed
+from .lora import add_lora, load_adapter, merge_lora
+from .objective import SUM_KEYS, CanvasPlan, LossTotals, diffusion_gemma_loss, plan_canvases
+from .optim import build_optimizer, set_lr, warmup_cosine
+from .report import Reporter
+
+log = logging.getLogger(__name__)
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second signal stops at once."""
+
+    def __enter__(self) -> "StopSignals":
+        self.requested = False
+        self.saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+        self.requested = True
+        log.warning("stopping after this step (a checkpoint is saved); signal again to abort at once")
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
+def load_rows(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Batch, Batch]:
+    """(training rows, held-out rows): `eval_data` is held out whole (and never trained on), and a hashed
+    `holdout_frac` of `data` besides."""
+    train, held = split_records(read_records(cfg.data, cfg.ext, exclude=cfg.eval_data), cfg.holdout_frac)
+    held += read_records(cfg.eval_data, cfg.ext)
+    if not train:
+        raise DataError("every example fell into the held-out split: lower --holdout-frac or add data")
+    pad = tokenizer.pad_id
+    rows = [make_rows([tokenize(r, tokenizer) for r in part], cfg.seq_len, pad, cfg.pack) for part in (train, held)]
+    log.info("data: %d training rows (%d tokens), %d held-out rows", len(rows[0]), rows[0].real_tokens, len(rows[1]))
+    return rows[0], rows[1]
+
+
+def _plan(batch: Batch, model: DiffusionGemma, cfg: TrainConfig, *seed_parts: int) -> CanvasPlan:
+    text = model.config.text_config
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, *seed_parts))
+    return plan_canvases(batch, model.config.canvas_length, text.vocab_size, text.pad_token_id, g,
+                         self_cond_prob=cfg.self_cond_prob)
+
+
+def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
+               backward: bool) -> dict[str, float]:
+    """This process's rows of a global batch, `cfg.accum` micro-batches at a time (gradients accumulate when
+    `backward`); returns the global batch's losses."""
+    totals = LossTotals.of(batch, plan)
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in SUM_KEYS}
+    for rows in dist.my_rows(len(batch)).tensor_split(cfg.accum):
+        if rows.numel() == 0:
+            continue
+        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
+            loss, part = diffusion_gemma_loss(model.model, batch.rows(rows).to(dist.device),
+                                              plan.rows(rows).to(dist.device), totals, cfg.weighting,
+                                              cfg.diffusion_weight, cfg.ar_weight)
+        if backward:
+            loss.backward()
+        for k, v in part.items():
+            sums[k] += v.double().cpu()
+    totals_all = dist.sum(sums)
+    diffusion = totals_all["diffusion_sum"] / max(totals_all["canvas_tokens"], 1)
+    ar = totals_all["ar_sum"] / max(totals_all["ar_tokens"], 1)
+    return {"loss": cfg.diffusion_weight * diffusion + cfg.ar_weight * ar, "diffusion_loss": diffusion, "ar_loss": ar}
+
+
+def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
+               params: list[torch.nn.Parameter], lr: float, cfg: TrainConfig, dist: Distributed) -> dict[str, float]:
+    metrics = _run_batch(model, batch, plan, cfg, dist, backward=True)
+    dist.sum_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distributed) -> dict[str, float]:
+    """Mean loss over the first `eval_batches` batches of held-out rows, with the same noise every time."""
+    totals: dict[str, float] = {}
+    n_batches = 0
+    for i, start in enumerate(range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size)):
+        batch = rows.rows(torch.arange(start, min(start + cfg.batch_size, len(rows))))
+        plan = _plan(batch, model, cfg, EVAL_STREAM, i)
+        for k, v in _run_batch(model, batch, plan, cfg, dist, backward=False).items():
+            totals[k] = totals.get(k, 0.0) + v
+        n_batches += 1
+    return {f"eval_{k}": v / n_batches for k, v in totals.items()}
+
+
+def _check_resume(state: TrainerState, cfg: TrainConfig, checkpoint: Path) -> None:
+    saved = state.config
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != _jsonable(getattr(cfg, k))]
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ConfigError(f"{checkpoint}: cannot resume with different settings ({details})")
+
+
+def _jsonable(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Distributed) -> DiffusionGemma:
+    """The model to train: base weights (or a full checkpoint to resume), LoRA layers when asked."""
+    if resume_from is not None and not cfg.lora:
+        model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer)
+    else:
+        model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed)
+    if cfg.seq_len > model.config.text_config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model context "
+                          f"({model.config.text_config.max_position_embeddings})")
+    if not cfg.lora:
+        model.model.requires_grad_(True)
+    else:
+        base = Path(cfg.model)
+        if cfg.config_json is not None or not base.is_dir():  # random base weights: keep them for merging
+            base = out / "base"
+            if dist.is_main and not base.is_dir():
+                model.save_pretrained(base)
+        add_lora(model.model, cfg.lora, cfg.lora_alpha, str(base.resolve()), cfg.seed)
+        if resume_from is not None:
+            load_adapter(model.model, resume_from)
+    model.model.to(dist.device).train()
+    return model
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or, with `cfg.resume`, continue) a training run; returns the last checkpoint directory.
+    Raises KeyboardInterrupt after saving a checkpoint when stopped by SIGINT/SIGTERM."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = Distributed.start(device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: TrainConfig, dist: Distributed) -> Path:
+    cfg.validate(dist.world_size)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = last_checkpoint(out)
+    if resume_from is not None and not cfg.resume:
+        raise ConfigError(f"{out} already holds {resume_from.name}: pass --resume to continue it, "
+                          "or choose another --out")
+    state = TrainerState(config={k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()})
+    if resume_from is not None:
+        saved = TrainerState.load(resume_from)
+        _check_resume(saved, cfg, resume_from)
+        state = dataclasses.replace(saved, config=state.config)
+        log.info("resuming from %s", resume_from)
+
+    model = _setup_model(cfg, resume_from, out, dist)
+    params = [p for p in model.model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay)
+    if resume_from is not None:
+        optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, map_location=dist.device))
+    train_rows, eval_rows = load_rows(cfg, model.tokenizer)
+    stream = BatchStream(train_rows, cfg.batch_size, cfg.seed, state.epoch, state.position)
+    reporter = Reporter(out, state.step, cfg.steps, cfg.log_every) if dist.is_main else None
+
+    try:
+        Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter).loop()
+    finally:
+        curve = reporter.close() if reporter else None
+        if curve:
+            log.info("loss curve: %s", curve)
+    if cfg.merge and dist.is_main:
+        merge_lora(model.model)
+        model.model.requires_grad_(False).eval().cpu()
+        model.save_pretrained(out / "merged")
+        log.info("merged model: %s", out / "merged")
+    return out / f"checkpoint-{state.step}"
+
+
+@dataclass
+class Run:
+    """What a training run holds between steps."""
+
+    cfg: TrainConfig
+    model: DiffusionGemma
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    stream: BatchStream
+    eval_rows: Batch
+    state: TrainerState
+    out: Path
+    dist: Distributed
+    reporter: Reporter | None
+
+    def loop(self) -> None:
+        """Steps until `cfg.steps`, evaluating and saving on schedule; on a signal, saves and raises
+        KeyboardInterrupt."""
+        cfg, state = self.cfg, self.state
+        with StopSignals() as stop:
+            while state.step < cfg.steps:
+                self.step()
+                if len(self.eval_rows) and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
+                    record = {"step": state.step, **evaluate(self.model, self.eval_rows, cfg, self.dist)}
+                    if self.reporter:
+                        self.reporter.eval(record)
+                stopping = self.dist.any(stop.requested)
+                if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
+                    if self.dist.is_main:
+                        save_checkpoint(self.out, self.model, self.optimizer, state, lora=bool(cfg.lora))
+                    self.dist.barrier()
+                if stopping:
+                    raise KeyboardInterrupt
+
+    def step(self) -> None:
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        batch = self.stream.next()
+        plan = _plan(batch, self.model, cfg, TRAIN_STREAM, state.step)
+        lr = warmup_cosine(state.step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        metrics = train_step(self.model, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
+        state.step += 1
+        state.epoch, state.position = self.stream.epoch, self.stream.position
+        if self.reporter:
+            self.reporter.step({"step": state.step, **metrics, "tokens": batch.real_tokens,
+                                "tokens_per_s": batch.real_tokens / (time.perf_counter() - t0)})

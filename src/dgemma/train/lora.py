@@ -1,0 +1,80 @@
+"""LoRA through `peft`: adapters on every linear layer, saved apart, merged into a full checkpoint on export.
+
+Targets: attention q/k/v/o projections, the dense MLP's gate/up/down and the self-conditioning MLP's (all plain
+`nn.Linear`). The experts are 3-D parameters, not linear modules, and stay frozen, as do the routers, norms and
+embeddings. Adapters are stored as peft writes them (`adapter_config.json`, `adapter_model.safetensors`) with
+dgemma's parameter names; `base_model_name_or_path` in the config points at the base checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ConfigError
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA needs the peft package: pip install 'dgemma[train]'") from None
+    return peft
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None, base: str | None = None, seed: int = 0):
+    """Wrap the target layers of `model` in place; only the adapter weights stay trainable. Returns the LoraConfig.
+    The adapters' random initialisation comes from `seed`, not from (nor disturbing) torch's global generator."""
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                             target_modules=TARGET_MODULES, base_model_name_or_path=base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft.inject_adapter_in_model(config, model)  # also sets model.peft_config
+    return config
+
+
+def save_adapter(model: nn.Module, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(str(directory))
+    adapter = _peft().get_peft_model_state_dict(model, save_embedding_layers=False)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_adapter(model: nn.Module, directory: Path) -> None:
+    """Load adapter weights saved by `save_adapter` into a model that already has LoRA layers."""
+    result = _peft().set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
+    if result.unexpected_keys:
+        raise ValueError(f"{directory}: adapter weights do not fit the model: {result.unexpected_keys[:4]}")
+
+
+def adapter_base(directory: Path) -> str | None:
+    """The base model recorded in an adapter directory."""
+    return _peft().LoraConfig.from_pretrained(str(directory)).base_model_name_or_path
+
+
+def attach_adapter(model: nn.Module, directory: Path) -> None:
+    """Add the LoRA layers described by an adapter directory and load its weights."""
+    peft = _peft()
+    config = peft.LoraConfig.from_pretrained(str(directory))
+    peft.inject_adapter_in_model(config, model)
+    load_adapter(model, directory)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer and put the plain `nn.Linear` back."""
+    lora_layer = _peft().tuners.lora.LoraLayer
+    for name, module in list(model.named_modules()):
+        if isinstance(module, lora_layer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    del model.peft_config
+    return model

@@ -1,0 +1,88 @@
+"""The server's text layer and infilling canvas, without a server: stop tokens and strings, reasoning, deltas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from dgemma.serve.infill import hole_size, infill_canvas  # noqa: E402
+from dgemma.serve.output import ChoiceOutput, TextDecoder  # noqa: E402
+from dgemma.tokenizer import byte_tokenizer  # noqa: E402
+
+TOK = byte_tokenizer()
+DECODER = TextDecoder(TOK)
+STOPS = {1, 106}
+UNUSED = 50  # a special token that decodes to nothing: ends a run of byte tokens
+
+
+def ids(text: str) -> list[int]:
+    return TOK.encode(text, add_bos=False)
+
+
+def choice(stop_strings=(), reasoning=False, limit=1000) -> ChoiceOutput:
+    return ChoiceOutput(DECODER, STOPS, list(stop_strings), reasoning, pad_id=0, limit=limit)
+
+
+def test_text_ends_before_the_stop_token_and_counts_it():
+    c = choice()
+    c.add_canvas(ids("Hello") + [106, 0, 0], passes=3)
+    assert c.text() == ("", "Hello") and c.finish_reason == "stop"
+    assert c.completion_tokens == 6 and c.decoder_passes == 3
+
+
+def test_limit_cuts_whole_canvases_to_max_tokens():
+    c = choice(limit=7)
+    c.add_canvas(ids("abcd"), passes=2)
+    assert not c.finished
+    c.add_canvas(ids("efgh"), passes=2)
+    assert c.text() == ("", "abcdefg") and c.finish_reason == "length" and c.completion_tokens == 7
+
+
+def test_reasoning_is_split_from_the_answer():
+    c = choice(reasoning=True)
+    c.add_canvas(ids("<|channel>thought\nLet me think.<channel|>The answer.") + [106], passes=1)
+    assert c.text() == ("Let me think.", "The answer.")
+
+
+def test_streaming_deltas_hold_back_a_possible_stop_string_and_add_up():
+    c = choice(stop_strings=["END"])
+    c.add_canvas(ids("one two E") + [UNUSED], passes=1)
+    assert c.delta() == ("", "one two")  # " E" could still become " END"
+    c.add_canvas(ids("Nx three EN") + [UNUSED], passes=1)
+    assert c.delta() == ("", " ENx three ")
+    c.add_canvas(ids("D four"), passes=1)
+    assert c.finish_reason == "stop"
+    assert c.delta() == ("", "") and c.text() == ("", "one two ENx three ")
+
+
+def test_streaming_sends_only_text_later_tokens_cannot_change():
+    """A run of byte tokens decodes as a unit: it waits for the next other token (or the end)."""
+    c = choice()
+    euro = ids("€")  # three byte tokens
+    c.add_canvas(ids("ab") + [UNUSED] + euro[:2], passes=1)
+    assert c.delta() == ("", "ab")
+    c.add_canvas(euro[2:] + [1], passes=1)
+    assert c.delta() == ("", "€") and c.text() == ("", "ab€")
+
+
+def test_streamed_reasoning_waits_for_the_thought_label():
+    c = choice(reasoning=True)
+    c.add_canvas([100] + ids("thou") + [UNUSED], passes=1)
+    assert c.delta() == ("", "")
+    c.add_canvas(ids("ght\nHmm.") + [101, UNUSED] + ids("Yes") + [UNUSED], passes=1)
+    assert c.delta() == ("Hmm.", "Yes")
+
+
+def test_infill_canvas_fixes_the_suffix_after_the_hole():
+    c, suffix = 32, [300, 301, 302]
+    hole = hole_size(max_tokens=10, suffix_tokens=len(suffix), canvas_length=c)
+    start = infill_canvas(suffix, hole, c, 512, seed=4, device=torch.device("cpu"))
+    assert hole == 10 and start.tokens.shape == start.fixed.shape == (1, c)
+    assert start.fixed[0].nonzero().flatten().tolist() == [10, 11, 12]
+    assert start.tokens[0, 10:13].tolist() == suffix
+    noise = torch.randint(0, 512, (c,), generator=torch.Generator().manual_seed(4))
+    free = ~start.fixed[0]
+    assert torch.equal(start.tokens[0][free], noise[free])  # the noise the sampler would have drawn
+    assert hole_size(max_tokens=100, suffix_tokens=3, canvas_length=c) == 29

@@ -1,0 +1,98 @@
+"""LoRA: which layers get adapters, merge equality, adapter save/load, and the CLI's train --lora / train merge."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cli import main
+from dgemma.config import preset
+from dgemma.train.lora import TARGET_MODULES, add_lora, attach_adapter, merge_lora, save_adapter
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder AR logits and self-conditioned decoder logits of a fixed input."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (2, 40), generator=g)
+    canvas = torch.randint(0, 512, (2, 32), generator=g)
+    with torch.no_grad():
+        hidden, kv = model.encode_sequence(tokens)
+        context = kv.at(torch.tensor([5, 30]))
+        first = model.denoise(canvas, context)
+        return model.logits(hidden), model.denoise(canvas, context, first)
+
+
+def lora_model(rank: int = 4) -> torch.nn.Module:
+    model = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0).model
+    add_lora(model, rank)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter); make the adapter matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def test_adapters_sit_on_the_linear_layers_and_only_they_train():
+    model = lora_model()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    wrapped = {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable}
+    assert wrapped == set(TARGET_MODULES)
+    assert any(n.startswith("self_conditioning.mlp.") for n in trainable)
+    assert not any("experts" in n for n in trainable)  # 3-D expert tensors stay frozen
+
+
+def test_merged_model_matches_the_adapter_model():
+    model = lora_model()
+    before = outputs(model)
+    base = outputs(dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0).model)
+    assert (before[0] - base[0]).abs().max() > 1e-3  # the adapter changes the outputs
+    merge_lora(model)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    for a, b in zip(before, outputs(model)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_saved_adapter_attaches_to_a_fresh_base(tmp_path):
+    model = lora_model()
+    save_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    fresh = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0).model
+    attach_adapter(fresh, tmp_path)
+    for a, b in zip(outputs(model), outputs(fresh)):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
+def test_cli_lora_run_then_merge(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    records = ({"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(40))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), "--lora", "4", "--merge", "--steps", "2",
+                 "--batch-size", "4", "--seq-len", "16", "--no-pack", "--lr", "1e-2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert (out / "base" / "model.safetensors").is_file()  # the random base, kept so the adapter can be merged
+
+    assert main(["train", "merge", str(checkpoint), "--out", str(tmp_path / "merged")]) == 0
+    merged = dgemma.DiffusionGemma.from_pretrained(tmp_path / "merged").model
+    at_end = dgemma.DiffusionGemma.from_pretrained(out / "merged").model
+    base = dgemma.DiffusionGemma.from_pretrained(out / "base").model
+    for a, b, c in zip(outputs(merged), outputs(at_end), outputs(base)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert (a - c).abs().max() > 0  # training moved the adapters
