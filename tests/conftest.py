@@ -45,6 +45,15 @@ def build_reference(name: str, variant: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Test models are tiny: their matmuls take microseconds, and extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_checkpoint(tmp_path_factory):
     """(name, variant) -> (path, transformers model loaded back from that path)."""

@@ -18,14 +18,6 @@ from dgemma.tokenizer import byte_tokenizer
 FAST = ["--max-new-tokens", "32", "--steps", "4", "--seed", "0", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matmuls are microseconds; extra threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))

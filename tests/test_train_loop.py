@@ -20,13 +20,6 @@ from dgemma.train import TrainConfig, loop, train
 SMALL = dict(model="tiny", batch_size=4, seq_len=32, warmup=2, holdout_frac=0.25, eval_every=2, eval_batches=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:

@@ -15,13 +15,6 @@ from dgemma.train.lora import TARGET_MODULES, add_lora, attach_adapter, merge_lo
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def outputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder AR logits and self-conditioned decoder logits of a fixed input."""

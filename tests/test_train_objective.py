@@ -15,13 +15,6 @@ from dgemma.train.data import Example
 from dgemma.train.objective import LossTotals, canvas_starts, canvas_weights, diffusion_gemma_loss, plan_canvases
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_canvas_starts_are_aligned_to_the_target_start():
     c = 4

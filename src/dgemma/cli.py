@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}{hint}\n")
 
 
-def _int_at_least_1(text: str) -> int:
+def int_at_least_1(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"checkpoint directory or preset ({', '.join(PRESETS)}; random weights). Default: tiny")
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate")
     g.add_argument("--steps", type=int, metavar="N", help="maximum denoising steps per canvas")
-    g.add_argument("--canvas-length", type=_int_at_least_1, metavar="N",
+    g.add_argument("--canvas-length", type=int_at_least_1, metavar="N",
                    help="tokens per canvas (overrides the model config)")
     g.add_argument("--entropy-bound", type=float, metavar="X",
                    help="entropy budget for accepting tokens in one step (> 0)")
@@ -343,7 +343,6 @@ class CanvasView:
 # -- generate ---------------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
     from .api import DiffusionGemma
     from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult

@@ -14,17 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+from ..cli import int_at_least_1
+
 log = logging.getLogger(__name__)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -48,17 +40,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--max-slots", type=_positive_int, default=16, metavar="N",
+    s.add_argument("--max-slots", type=int_at_least_1, default=16, metavar="N",
                    help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
     s.add_argument("--kv-cache-gib", type=_positive_float, default=4.0, metavar="GIB",
                    help="KV-cache memory budget; fixes the number of slots (default 4)")
     s.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot, at most")
-    s.add_argument("--max-prompt-tokens", type=_positive_int, default=2048, metavar="N")
-    s.add_argument("--max-tokens", type=_positive_int, default=1024, metavar="N", help="max_tokens allowed")
-    s.add_argument("--max-n", type=_positive_int, default=8, metavar="N", help="choices per request allowed")
-    s.add_argument("--max-denoising-steps", type=_positive_int, default=256, metavar="N",
+    s.add_argument("--max-prompt-tokens", type=int_at_least_1, default=2048, metavar="N")
+    s.add_argument("--max-tokens", type=int_at_least_1, default=1024, metavar="N", help="max_tokens allowed")
+    s.add_argument("--max-n", type=int_at_least_1, default=8, metavar="N", help="choices per request allowed")
+    s.add_argument("--max-denoising-steps", type=int_at_least_1, default=256, metavar="N",
                    help="max_denoising_steps allowed")
-    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, metavar="N")
+    s.add_argument("--max-body-bytes", type=int_at_least_1, default=1 << 20, metavar="N")
     s.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="seconds a request may take, queueing included")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
