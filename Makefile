@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.dev
 
 demo: install
-	$(VENV)/bin/dgemma generate --model tiny --seed 0 --max-new-tokens 64 --steps 16 "def fibonacci(n):"
+	$(VENV)/bin/dgemma generate --model models/dgemma-code-tiny --seed 0 --max-new-tokens 96 "def fibonacci(n):"
 
 test: dev
 	$(PY) -m pytest -q
