@@ -33,7 +33,11 @@ def filler_id(model: DiffusionGemma) -> int:
     return found if found is not None else tok.pad_id
 
 
+CONTEXT = 1024  # prefix tokens kept: whole-file prefixes made every task encode thousands of tokens
+
+
 def _prefix_ids(model: DiffusionGemma, prefix: str, room: int) -> list[int]:
+    room = min(room, CONTEXT)
     ids = model.tokenizer.encode(prefix)
     return ids if len(ids) <= room else [ids[0]] + ids[-(room - 1):]  # keep BOS and the nearest context
 
