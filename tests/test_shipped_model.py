@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import dgemma
 from dgemma.evaluate.loss import heldout_loss

@@ -20,6 +20,7 @@ import torch
 from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.autoregressive import generate_ar
 from .engine.generate import CanvasSpec, GenerationStats, stream_generate
+from .engine.static import StaticPool
 from .model.model import DiffusionGemmaModel
 from .model.weights import load_weights, save_weights
 from .tokenizer import Tokenizer, byte_tokenizer
@@ -73,6 +74,7 @@ class DiffusionGemma:
         self.model = model
         self.generation_config = generation_config
         self.tokenizer = tokenizer
+        self._static = StaticPool()
 
     @property
     def config(self) -> DiffusionGemmaConfig:
@@ -145,10 +147,12 @@ class DiffusionGemma:
 
     def stream_generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                         decoder_input_ids: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
-                        seed: int | Sequence[int] | None = None, **kwargs) -> Iterator:
+                        seed: int | Sequence[int] | None = None, static_cache: bool | None = None,
+                        **kwargs) -> Iterator:
         """Yields `DenoiseStep` (each pass's draft and accepted mask), `CanvasCommit` and finally a
         `GenerationResult`. `decoder_input_ids` [B, C] starts the first canvas; `fixed_mask` [B, C] marks
-        positions whose given token is kept (never re-noised)."""
+        positions whose given token is kept (never re-noised). `static_cache` (default: on for CUDA) runs the
+        decoder passes with fixed shapes over a reused cache, captured as a CUDA graph on the GPU."""
         if input_ids is None:
             raise ConfigError("input_ids is required")
         prompts, _ = _as_rows(input_ids, attention_mask)
@@ -161,7 +165,10 @@ class DiffusionGemma:
             start = CanvasSpec(tokens, fixed[None] if fixed is not None and fixed.dim() == 1 else fixed)
         elif fixed_mask is not None:
             raise ConfigError("fixed_mask needs decoder_input_ids (the tokens to keep)")
-        yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start)
+        if static_cache is None:
+            static_cache = self.device.type == "cuda"
+        yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start,
+                                   self._static if static_cache else None)
 
     def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                  **kwargs) -> GenerateOutput:

@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_info)
 
+    from .bench import add_bench_parser
     from .evaluate.run import add_parser as add_eval_parser
     from .serve.cli import add_serve_parser
     from .tokenizer_train import add_tokenizer_parser
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_parser(sub)
     add_serve_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -24,6 +25,7 @@ from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
 from .cache import KVCache
+from .static import StaticPool
 
 
 @dataclass
@@ -121,11 +123,13 @@ def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> tuple[t
 @torch.inference_mode()
 def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
                     generators: list[torch.Generator | None] | None = None,
-                    start: CanvasSpec | None = None) -> Iterator[DenoiseStep | CanvasCommit | GenerationResult]:
+                    start: CanvasSpec | None = None, static: StaticPool | None = None
+                    ) -> Iterator[DenoiseStep | CanvasCommit | GenerationResult]:
     """Yields a `DenoiseStep` per decoder pass, a `CanvasCommit` per canvas, and finally a `GenerationResult`.
 
     `generators=None` draws from torch's global generator in the reference order; a list gives each row
-    its own generator (batch-invariant tokens).
+    its own generator (batch-invariant tokens). With `static`, decoder passes run with fixed shapes over a
+    reused cache (`engine.static`; a CUDA graph on the GPU) instead of the eager pass.
     """
     t0 = time.perf_counter()
     c, vocab, device = model.config.canvas_length, model.text.vocab_size, model.device
@@ -135,7 +139,12 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     rng = CanvasRNG(generators)
     eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
     pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
-    cache = KVCache(model.text, b, max(len(p) for p in prompts) + (n_canvases - 1) * c, c, model.dtype, device)
+    max_len = max(len(p) for p in prompts) + (n_canvases - 1) * c
+    if static is not None:
+        cache, denoise = static.get(model, b, max_len)
+    else:
+        cache = KVCache(model.text, b, max_len, c, model.dtype, device)
+        denoise = partial(model.denoise, context=cache)
     pending, valid = _right_pad(prompts, pad, device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     total_passes = torch.zeros(b, dtype=torch.long, device=device)
@@ -144,6 +153,8 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
 
     for ci in range(n_canvases):
         model.encode(pending, cache, valid)
+        if static is not None:
+            denoise.prepare()
         canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
         first_given = ci == 0 and start is not None
         if first_given:
@@ -153,7 +164,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         passes = torch.zeros(b, dtype=torch.long, device=device)
         for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
             passes += ~(state.done | finished)
-            logits = model.denoise(state.canvas, cache, state.self_cond)
+            logits = denoise(state.canvas, self_cond_logits=state.self_cond)
             accepted = denoise_update(state, logits, steps_left, gen, rng)
             yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
             if bool(state.done.all()):
@@ -184,8 +195,8 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
 
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
              generators: list[torch.Generator | None] | None = None,
-             start: CanvasSpec | None = None) -> GenerationResult:
+             start: CanvasSpec | None = None, static: StaticPool | None = None) -> GenerationResult:
     result = None
-    for event in stream_generate(model, prompts, gen, generators, start):
+    for event in stream_generate(model, prompts, gen, generators, start, static):
         result = event
     return result

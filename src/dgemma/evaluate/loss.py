@@ -26,15 +26,16 @@ def heldout_loss(model: DiffusionGemma, length: int = 512, max_chunks: int = 32,
     g = torch.Generator().manual_seed(seed)
     ar, diff, n_ar, n_diff = 0.0, {t: 0.0 for t in noise_levels}, 0, 0
     for chunk in heldout_chunks(model, length, max_chunks):
-        tokens = torch.tensor([chunk])
+        tokens = torch.tensor([chunk], device=model.device)
         hidden, context = m.encode_sequence(tokens)
         ar += F.cross_entropy(m.logits(hidden[0, :-1]), tokens[0, 1:], reduction="sum").item()
         n_ar += len(chunk) - 1
-        start = torch.tensor([length - c])
+        start = torch.tensor([length - c], device=model.device)
         clean = tokens[:, -c:]
         for t in noise_levels:
-            keep = torch.rand(clean.shape, generator=g) >= t
-            noisy = torch.where(keep, clean, torch.randint(0, m.text.vocab_size, clean.shape, generator=g))
+            keep = (torch.rand(clean.shape, generator=g) >= t).to(model.device)
+            noise = torch.randint(0, m.text.vocab_size, clean.shape, generator=g).to(model.device)
+            noisy = torch.where(keep, clean, noise)
             logits = m.denoise(noisy, context.at(start))
             diff[t] += F.cross_entropy(logits[0], clean[0], reduction="sum").item()
         n_diff += c

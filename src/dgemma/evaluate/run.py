@@ -37,12 +37,13 @@ def exact_match(task, line: str) -> bool:
 
 
 def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, per_file: int, sweep: list[int],
-        humaneval: bool, loss_chunks: int) -> dict:
+        humaneval: bool, loss_chunks: int, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
-    model = DiffusionGemma.from_pretrained(model_dir)
-    ar_model = DiffusionGemma.from_pretrained(ar_model_dir) if ar_model_dir else model
+    model = DiffusionGemma.from_pretrained(model_dir, device=device)
+    ar_model = DiffusionGemma.from_pretrained(ar_model_dir, device=device) if ar_model_dir else model
     stdlib = stdlib_tasks(per_file=per_file)
-    report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole}
+    report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole,
+                    "device": device}
     report["heldout_loss"] = {"diffusion_model": heldout_loss(model, max_chunks=loss_chunks)}
     if ar_model_dir:
         report["heldout_loss"]["ar_model"] = heldout_loss(ar_model, max_chunks=loss_chunks)
@@ -103,12 +104,13 @@ def add_parser(sub) -> None:
     p.add_argument("--loss-chunks", type=int, default=32)
     p.add_argument("--table", type=Path, help="write a Markdown table here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-steps plot here")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; fp32 either way)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file,
-                 [int(s) for s in args.sweep.split(",") if s], not args.no_humaneval, args.loss_chunks)
+                 [int(s) for s in args.sweep.split(",") if s], not args.no_humaneval, args.loss_chunks, args.device)
     print(json.dumps(report, indent=2))
     if args.table:
         args.table.write_text(markdown(report) + "\n")

@@ -7,6 +7,7 @@ solution; the package's tests decide pass@1).
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ class InfillTask:
 
 
 def stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+    """The standard library of the running Python, or `$DGEMMA_STDLIB` (another Python's, for the same files)."""
+    return Path(os.environ.get("DGEMMA_STDLIB") or sysconfig.get_paths()["stdlib"])
 
 
 def _hideable(line: str) -> bool:

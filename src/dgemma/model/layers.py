@@ -15,6 +15,50 @@ from torch import nn
 from ..config import TextConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    # pow(-0.5) rather than rsqrt: matches the reference bit for bit
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gelu_tanh(gate) * up
+
+
+# The elementwise pieces, each one fused kernel when `compile_elementwise()` has run (CUDA): a decoder pass of
+# the 26B model is otherwise ~4,000 small kernels whose launches and memory round trips cost more than the
+# weight streaming itself. Eager by default: the CPU path stays bit-identical to the reference.
+KERNELS = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
+
+
+def compile_elementwise(enable: bool = True) -> None:
+    """Swap the elementwise pieces for `torch.compile`d versions (or back). Process-wide."""
+    plain = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
+    if not enable:
+        KERNELS.update(plain)
+        return
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one variant per shape: norms of several widths
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    KERNELS.update({name: torch.compile(fn, dynamic=False) for name, fn in plain.items()})
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32; `with_scale=False` is the scale-free variant (values, router, self-cond)."""
 
@@ -24,12 +68,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        # pow(-0.5) rather than rsqrt: matches the reference bit for bit
-        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+        return KERNELS["rms_norm"](x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: TextConfig, layer_type: str, head_dim: int) -> torch.Tensor:
@@ -51,12 +90,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class AttentionProjections(nn.Module):
@@ -81,15 +114,11 @@ class AttentionProjections(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, H] -> q [B, nq, T, D], k and v [B, nkv, T, D] (RoPE applied to q and k)."""
         b, t, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin)
+        q = KERNELS["apply_rope"](self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin)
         k_raw = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw)
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        k = KERNELS["apply_rope"](self.k_norm(k_raw), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
 
 
 class GatedMLP(nn.Module):
@@ -102,7 +131,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(KERNELS["gelu_mul"](self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -137,16 +166,24 @@ class Experts(nn.Module):
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * d, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, d))
+        self.kernel = None  # `dgemma.model.moe_kernel.use_triton_experts`: the Triton kernel (bf16 or FP8)
+
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], routing weights and expert ids [N, k] -> [N, H]."""
         n, k = ids.shape
         sorted_ids, order = torch.sort(ids.reshape(-1))
-        counts = torch.bincount(sorted_ids, minlength=self.num_experts)
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        routed = x[order // k].to(self.gate_up_proj.dtype)
-        gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        out = F.grouped_mm(gelu_tanh(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+        # end of each expert's group (= cumsum of bincount, without bincount's host sync on CUDA)
+        offsets = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=ids.device), right=True,
+                                     out_int32=True)
+        routed = x[order // k]
+        if self.kernel is not None:
+            gate, up = self.kernel.gate_up(routed, offsets).chunk(2, dim=-1)
+            out = self.kernel.down(KERNELS["gelu_mul"](gate, up), offsets)
+        else:
+            routed = routed.to(self.gate_up_proj.dtype)
+            gate, up = F.grouped_mm(routed, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+            out = F.grouped_mm(KERNELS["gelu_mul"](gate, up), self.down_proj.transpose(-2, -1), offs=offsets)
         out = out * weights.reshape(-1)[order, None]
         unsorted = torch.empty_like(out).index_copy_(0, order, out)
         return unsorted.view(n, k, -1).sum(dim=1).to(x.dtype)

@@ -57,7 +57,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
     opt.add_argument("--weighting", choices=WEIGHTINGS, default="unweighted",
                      help="diffusion loss weight per example: none, or 1/(1-t) (default unweighted)")
+    opt.add_argument("--diffusion-weight", type=float, default=1.0, metavar="W",
+                     help="weight of the diffusion (decoder) loss (default 1); 0: an AR-only baseline, the decoder "
+                          "is not run")
     opt.add_argument("--ar-weight", type=float, default=1.0, metavar="W", help="weight of the AR loss (default 1)")
+    opt.add_argument("--infill-prob", type=float, default=0.0, metavar="P",
+                     help="fraction of canvases laid out as infills: [span, <|fill|> x (hole - span)] then the "
+                          "fixed suffix, as `dgemma eval` infills (default 0)")
     run = t.add_argument_group("run")
     run.add_argument("--out", metavar="DIR", help="output directory")
     run.add_argument("--eval-every", type=int, default=200, metavar="N", help="held-out loss every N steps")

@@ -36,6 +36,7 @@ class TrainConfig:
     weighting: str = "unweighted"
     diffusion_weight: float = 1.0
     ar_weight: float = 1.0
+    infill_prob: float = 0.0
     self_cond_prob: float = 0.5
     eval_every: int = 200
     eval_batches: int = 4
@@ -59,5 +60,12 @@ class TrainConfig:
         if self.batch_size < world_size * self.accum:
             raise ConfigError(f"batch size {self.batch_size} is smaller than processes x accumulation steps "
                               f"({world_size} x {self.accum})")
+        if self.diffusion_weight < 0 or self.ar_weight < 0 or self.diffusion_weight == self.ar_weight == 0:
+            raise ConfigError(f"need --diffusion-weight >= 0 and --ar-weight >= 0, not both 0 (got "
+                              f"{self.diffusion_weight} and {self.ar_weight})")
+        if not 0 <= self.infill_prob <= 1:
+            raise ConfigError(f"--infill-prob must be in [0, 1], got {self.infill_prob}")
+        if self.infill_prob > 0 and self.diffusion_weight == 0:
+            raise ConfigError("--infill-prob shapes the diffusion loss, which --diffusion-weight 0 turns off")
         if self.merge and not self.lora:
             raise ConfigError("--merge needs --lora")

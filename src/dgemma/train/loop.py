@@ -34,6 +34,7 @@ from .report import Reporter
 log = logging.getLogger(__name__)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+FILL_TOKEN = "<|fill|>"  # the infilling filler (id 4 in dgemma tokenizers), as in `dgemma.evaluate.infill`
 
 
 class StopSignals:
@@ -68,11 +69,33 @@ def load_rows(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Batch, Batch]:
     return rows[0], rows[1]
 
 
-def _plan(batch: Batch, model: DiffusionGemma, cfg: TrainConfig, *seed_parts: int) -> CanvasPlan:
+@dataclass
+class InfillIds:
+    """The token ids infill canvases need: the filler, and the tokens whose text begins with a line break."""
+
+    fill: int
+    newlines: torch.Tensor  # [N] long
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, vocab_size: int) -> "InfillIds":
+        fill = tokenizer.token_to_id(FILL_TOKEN)
+        if fill is None or not 0 <= fill < vocab_size:
+            raise ConfigError(f"--infill-prob needs a tokenizer with the filler token {FILL_TOKEN} (dgemma "
+                              "tokenizers have it at id 4: `dgemma tokenizer train`, or the byte tokenizer)")
+        n = min(tokenizer.vocab_size, vocab_size)
+        texts = tokenizer.backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+        return cls(fill, torch.tensor([i for i, text in enumerate(texts) if text.startswith("\n")], dtype=torch.long))
+
+
+def _plan(batch: Batch, model: DiffusionGemma, cfg: TrainConfig, infill: InfillIds | None,
+          *seed_parts: int) -> CanvasPlan:
     text = model.config.text_config
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, *seed_parts))
+    if cfg.infill_prob > 0 and infill is None:
+        infill = InfillIds.of(model.tokenizer, text.vocab_size)
     return plan_canvases(batch, model.config.canvas_length, text.vocab_size, text.pad_token_id, g,
-                         self_cond_prob=cfg.self_cond_prob)
+                         self_cond_prob=cfg.self_cond_prob, infill_prob=cfg.infill_prob,
+                         fill_id=infill.fill if infill else None, newline_ids=infill.newlines if infill else None)
 
 
 def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
@@ -95,7 +118,11 @@ def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: Train
     totals_all = dist.sum(sums)
     diffusion = totals_all["diffusion_sum"] / max(totals_all["canvas_tokens"], 1)
     ar = totals_all["ar_sum"] / max(totals_all["ar_tokens"], 1)
-    return {"loss": cfg.diffusion_weight * diffusion + cfg.ar_weight * ar, "diffusion_loss": diffusion, "ar_loss": ar}
+    metrics = {"loss": cfg.diffusion_weight * diffusion + cfg.ar_weight * ar, "diffusion_loss": diffusion,
+               "ar_loss": ar}
+    if cfg.diffusion_weight == 0:  # AR only: the decoder never ran, there is no diffusion loss to report
+        del metrics["diffusion_loss"]
+    return metrics
 
 
 def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
@@ -110,13 +137,15 @@ def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distributed) -> dict[str, float]:
-    """Mean loss over the first `eval_batches` batches of held-out rows, with the same noise every time."""
+def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distributed,
+             infill: InfillIds | None = None) -> dict[str, float]:
+    """Mean loss over the first `eval_batches` batches of held-out rows, with the same noise every time (and the
+    same mix of plain and infill canvases as training)."""
     totals: dict[str, float] = {}
     n_batches = 0
     for i, start in enumerate(range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size)):
         batch = rows.rows(torch.arange(start, min(start + cfg.batch_size, len(rows))))
-        plan = _plan(batch, model, cfg, EVAL_STREAM, i)
+        plan = _plan(batch, model, cfg, infill, EVAL_STREAM, i)
         for k, v in _run_batch(model, batch, plan, cfg, dist, backward=False).items():
             totals[k] = totals.get(k, 0.0) + v
         n_batches += 1
@@ -186,6 +215,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
         log.info("resuming from %s", resume_from)
 
     model = _setup_model(cfg, resume_from, out, dist)
+    infill = InfillIds.of(model.tokenizer, model.config.text_config.vocab_size) if cfg.infill_prob > 0 else None
     params = [p for p in model.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay)
     if resume_from is not None:
@@ -195,7 +225,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     reporter = Reporter(out, state.step, cfg.steps, cfg.log_every) if dist.is_main else None
 
     try:
-        Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter).loop()
+        Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
     finally:
         curve = reporter.close() if reporter else None
         if curve:
@@ -222,6 +252,7 @@ class Run:
     out: Path
     dist: Distributed
     reporter: Reporter | None
+    infill: InfillIds | None = None
 
     def loop(self) -> None:
         """Steps until `cfg.steps`, evaluating and saving on schedule; on a signal, saves and raises
@@ -231,7 +262,8 @@ class Run:
             while state.step < cfg.steps:
                 self.step()
                 if len(self.eval_rows) and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
-                    record = {"step": state.step, **evaluate(self.model, self.eval_rows, cfg, self.dist)}
+                    record = {"step": state.step,
+                              **evaluate(self.model, self.eval_rows, cfg, self.dist, self.infill)}
                     if self.reporter:
                         self.reporter.eval(record)
                 stopping = self.dist.any(stop.requested)
@@ -246,7 +278,7 @@ class Run:
         cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
         batch = self.stream.next()
-        plan = _plan(batch, self.model, cfg, TRAIN_STREAM, state.step)
+        plan = _plan(batch, self.model, cfg, self.infill, TRAIN_STREAM, state.step)
         lr = warmup_cosine(state.step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
         metrics = train_step(self.model, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
         state.step += 1

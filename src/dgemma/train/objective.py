@@ -7,6 +7,14 @@ predicts the clean block from the encoder keys/values before it. Canvas position
 target pad, so the model learns to finish a canvas after EOS as generation does. Self-conditioning is trained in
 two passes: a first decoder pass without gradient whose logits feed the second pass for a random half of rows.
 
+Infilling (`infill_prob`): a row's canvas can instead be laid out as inference lays out an infill
+(`dgemma.evaluate.infill`, `dgemma.serve.infill`): `[hole of H places][suffix, fixed]`. The hole holds a span
+of m target tokens then H - m filler tokens (`<|fill|>`), the suffix continues the sequence after the span.
+The suffix is never noised and not in the loss; the hole is noised and in the loss, fillers included. See
+`infill_layout` for how H and m are drawn.
+
+With `diffusion_weight == 0` (an AR-only baseline) the decoder does not run at all.
+
 The random choices of a global batch are drawn up front (`plan_canvases`) and the losses are sums divided by
 global token counts (`LossTotals`), so the loss is the same however the rows are split across processes or
 micro-batches.
@@ -34,9 +42,10 @@ class CanvasPlan:
     start: torch.Tensor  # [B] position of the canvas's first token
     t: torch.Tensor  # [B] noise level
     canvas: torch.Tensor  # [B, C] decoder input
-    target: torch.Tensor  # [B, C] clean tokens (pad past the sequence end)
+    target: torch.Tensor  # [B, C] clean tokens (pad past the sequence end; fillers in an infill hole)
     valid: torch.Tensor  # [B, C] bool: positions that count in the loss
     self_cond: torch.Tensor  # [B] bool: rows whose second pass sees the first pass's logits
+    fixed: torch.Tensor  # [B, C] bool: clean, never-noised positions (an infill's suffix); never in the loss
 
     def rows(self, index: torch.Tensor) -> "CanvasPlan":
         return CanvasPlan(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -70,21 +79,98 @@ def canvas_starts(loss_mask: torch.Tensor, canvas_length: int, generator: torch.
     return torch.multinomial(anchors.float(), 1, generator=generator).squeeze(1)
 
 
-def plan_canvases(batch: Batch, canvas_length: int, vocab_size: int, pad_id: int, generator: torch.Generator,
-                  eps: float = 1e-3, self_cond_prob: float = 0.5) -> CanvasPlan:
-    """Choose and corrupt one canvas per row (on the CPU, from `generator` alone)."""
+def _target_run_left(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L]: how many target tokens follow without a break from each position on (0 off the target)."""
+    b, width = loss_mask.shape
+    pos = torch.arange(width).expand(b, width)
+    next_off = torch.where(loss_mask, width, pos).flip(1).cummin(dim=1).values.flip(1)
+    return next_off - pos
+
+
+def infill_layout(batch: Batch, start: torch.Tensor, canvas_length: int, infill_prob: float,
+                  newline_ids: torch.Tensor | None, generator: torch.Generator,
+                  line_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, hole H, span m), each [B]: which rows are infills and how they are laid out. Rows that are not
+    infills get H = m = C (a plain canvas). Always the same four draws from `generator`, whatever the rows.
+
+    Each row is an infill with probability `infill_prob` (never when C == 1). Its hole capacity H is uniform in
+    [1, C - 1]. With probability `line_prob`, when `newline_ids` are given, the span is made of whole lines: the
+    start moves forward, within the canvas block, to the first line start (just after a token in `newline_ids`,
+    the tokens whose text begins with a line break), and the span ends right before a line break chosen
+    uniformly among those within reach (m <= H and m <= the target tokens left), so the suffix begins with the
+    line break: the layout of `dgemma.evaluate.tasks` (hidden line without its newline, suffix from it on).
+    Otherwise (or with no line break within reach) m is uniform in [1, min(H, target tokens left from start)].
+    """
     b, width = batch.tokens.shape
-    start = canvas_starts(batch.loss_mask, canvas_length, generator)
+    c = canvas_length
+    is_infill = (torch.rand(b, generator=generator) < infill_prob) & (c > 1)
+    hole = torch.randint(1, max(c, 2), (b,), generator=generator)
+    by_line = torch.rand(b, generator=generator) < line_prob
+    pick = torch.rand(b, generator=generator)  # which span length / which line end
+
+    start = start.clone()
+    span = torch.full((b,), c, dtype=torch.long)
+    full_hole = torch.full((b,), c, dtype=torch.long)
+    if not bool(is_infill.any()):
+        return start, full_hole, span
+    left = _target_run_left(batch.loss_mask)
+    pos = torch.arange(width)
+    breaks = (torch.isin(batch.tokens, newline_ids) if newline_ids is not None and newline_ids.numel()
+              else torch.zeros_like(batch.loss_mask))
+    breaks &= pos < batch.lengths[:, None]
+    for i in is_infill.nonzero().flatten().tolist():
+        s, h = int(start[i]), int(hole[i])
+        ends = torch.empty(0, dtype=torch.long)
+        if by_line[i] and bool(breaks[i].any()):
+            line_starts = (F.pad(breaks[i], (1, 0))[:-1] & batch.loss_mask[i]).nonzero().flatten()
+            line_starts = line_starts[(line_starts >= s) & (line_starts < s + c)]
+            if line_starts.numel():
+                s = int(line_starts[0])
+            reach = min(h, int(left[i, s]))
+            ends = breaks[i, s + 1:s + reach + 1].nonzero().flatten() + 1  # span lengths ending at a break
+        if ends.numel():
+            m = int(ends[int(pick[i] * ends.numel())])
+        else:
+            m = 1 + int(pick[i] * min(h, int(left[i, s])))
+        start[i], full_hole[i], span[i] = s, h, m
+    return start, full_hole, span
+
+
+def plan_canvases(batch: Batch, canvas_length: int, vocab_size: int, pad_id: int, generator: torch.Generator,
+                  eps: float = 1e-3, self_cond_prob: float = 0.5, infill_prob: float = 0.0,
+                  fill_id: int | None = None, newline_ids: torch.Tensor | None = None) -> CanvasPlan:
+    """Choose and corrupt one canvas per row (on the CPU, from `generator` alone).
+
+    With `infill_prob` > 0 some rows become infill canvases (`infill_layout`; `fill_id` is then required,
+    `newline_ids` optional). Its draws come after all of the plain path's, so with `infill_prob == 0` the plan
+    and the generator's state are exactly those of a plan without infilling, and with `infill_prob > 0` the
+    noise levels, keep masks, noise and self-conditioning rows stay the same as well."""
+    b, width = batch.tokens.shape
+    c = canvas_length
+    start = canvas_starts(batch.loss_mask, c, generator)
     t = eps + (1 - 2 * eps) * torch.rand(b, generator=generator)
-    keep = torch.rand(b, canvas_length, generator=generator) < (1 - t)[:, None]
-    noise = torch.randint(0, vocab_size, (b, canvas_length), generator=generator)
+    keep = torch.rand(b, c, generator=generator) < (1 - t)[:, None]
+    noise = torch.randint(0, vocab_size, (b, c), generator=generator)
     self_cond = torch.rand(b, generator=generator) < self_cond_prob
 
-    index = start[:, None] + torch.arange(canvas_length)
-    target = F.pad(batch.tokens, (0, canvas_length), value=pad_id).gather(1, index)
-    wanted = F.pad(batch.loss_mask, (0, canvas_length)).gather(1, index) | (index >= batch.lengths[:, None])
+    j = torch.arange(c)
+    if infill_prob > 0:
+        if fill_id is None:
+            raise ValueError("infilling (infill_prob > 0) needs the filler's id (fill_id)")
+        start, hole, span = infill_layout(batch, start, c, infill_prob, newline_ids, generator)
+    else:
+        hole = span = torch.full((b,), c, dtype=torch.long)
+    hole, span = hole[:, None], span[:, None]
+    fixed = j >= hole  # the suffix
+    filler = (j >= span) & ~fixed
+    index = start[:, None] + j - torch.where(fixed, hole - span, 0)  # suffix: the tokens right after the span
+    target = F.pad(batch.tokens, (0, c), value=pad_id).gather(1, index)
+    wanted = F.pad(batch.loss_mask, (0, c)).gather(1, index) | (index >= batch.lengths[:, None])
     valid = wanted & (index < width)  # nothing beyond the batch width
-    return CanvasPlan(start, t, torch.where(keep, target, noise), target, valid, self_cond)
+    if infill_prob > 0:
+        target = torch.where(filler, fill_id, target)
+        valid = (valid | filler) & ~fixed
+    return CanvasPlan(start, t, torch.where(keep | fixed, target, noise), target, valid, self_cond, fixed)
 
 
 def canvas_weights(t: torch.Tensor, weighting: str, max_weight: float = 10.0) -> torch.Tensor:
@@ -102,20 +188,25 @@ def diffusion_gemma_loss(model: DiffusionGemmaModel, batch: Batch, plan: CanvasP
     """diffusion_weight * decoder CE + ar_weight * encoder AR CE for these rows, each a sum over tokens divided by
     the global batch's count. Also returns the detached sums and counts (`diffusion_sum`, `ar_sum`,
     `canvas_tokens`, `ar_tokens`) for reporting; sum them over micro-batches and processes."""
+    if diffusion_weight < 0 or ar_weight < 0 or diffusion_weight == ar_weight == 0:
+        raise ValueError(f"need weights >= 0, not both 0 (diffusion {diffusion_weight}, ar {ar_weight})")
     hidden, sequence_kv = model.encode_sequence(batch.tokens)
     ar_mask = batch.loss_mask[:, 1:]
     ar_logits = model.logits(hidden[:, :-1][ar_mask])
     ar_sum = F.cross_entropy(ar_logits, batch.tokens[:, 1:][ar_mask], reduction="sum")
 
-    context = sequence_kv.at(plan.start)
-    first_pass = None
-    if bool(plan.self_cond.any()):
-        with torch.no_grad():
-            first_pass = model.denoise(plan.canvas, context)
-    logits = model.denoise(plan.canvas, context, first_pass, plan.self_cond if first_pass is not None else None)
-    ce = F.cross_entropy(logits[plan.valid], plan.target[plan.valid], reduction="none")
-    weights = canvas_weights(plan.t, weighting)[:, None].expand_as(plan.valid)[plan.valid]
-    diffusion_sum = (ce * weights).sum()
+    if diffusion_weight == 0:  # AR only: no decoder pass
+        diffusion_sum = torch.zeros((), device=ar_sum.device, dtype=ar_sum.dtype)
+    else:
+        context = sequence_kv.at(plan.start)
+        first_pass = None
+        if bool(plan.self_cond.any()):
+            with torch.no_grad():
+                first_pass = model.denoise(plan.canvas, context)
+        logits = model.denoise(plan.canvas, context, first_pass, plan.self_cond if first_pass is not None else None)
+        ce = F.cross_entropy(logits[plan.valid], plan.target[plan.valid], reduction="none")
+        weights = canvas_weights(plan.t, weighting)[:, None].expand_as(plan.valid)[plan.valid]
+        diffusion_sum = (ce * weights).sum()
 
     loss = diffusion_weight * diffusion_sum / totals.canvas_tokens + ar_weight * ar_sum / totals.ar_tokens
     sums = {"diffusion_sum": diffusion_sum.detach(), "ar_sum": ar_sum.detach(),

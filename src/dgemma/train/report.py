@@ -53,9 +53,10 @@ class Reporter:
             self.bar.update(1)
         elif step % self.log_every == 0 or step == self.total:
             eta = elapsed / (step - self.start) * (self.total - step)
-            print(f"step {step}/{self.total} loss {record['loss']:.4f} (diffusion {record['diffusion_loss']:.4f}, "
-                  f"ar {record['ar_loss']:.4f}) lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
-                  f"eta {_duration(eta)}", file=sys.stderr, flush=True)
+            parts = ", ".join(f"{name} {record[key]:.4f}" for key, name in (("diffusion_loss", "diffusion"),
+                                                                            ("ar_loss", "ar")) if key in record)
+            print(f"step {step}/{self.total} loss {record['loss']:.4f} ({parts}) lr {record['lr']:.2e} "
+                  f"{record['tokens_per_s']:.0f} tok/s eta {_duration(eta)}", file=sys.stderr, flush=True)
 
     def eval(self, record: dict[str, Any]) -> None:
         self._write(record)
@@ -86,7 +87,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_loss_curve(metrics: Path, png: Path) -> Path | None:
-    """Training loss (total, diffusion, AR) and held-out loss against the step."""
+    """Training loss (total, diffusion, AR) and held-out loss against the step; a part a run did not record
+    (the diffusion loss of an AR-only run) is left out."""
     try:
         import matplotlib
 
@@ -99,7 +101,9 @@ def plot_loss_curve(metrics: Path, png: Path) -> Path | None:
     evals = [r for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, label in (("loss", "train loss"), ("diffusion_loss", "diffusion"), ("ar_loss", "AR")):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label=label, linewidth=1)
+        points = [(r["step"], r[key]) for r in train if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=1)
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
     ax.set_xlabel("step")

@@ -1,0 +1,582 @@
+"""`dgemma bench`: the time of one denoising pass and of whole canvases, against the hardware's floor.
+
+    dgemma bench --preset 26b-a4b --device cuda --dtype bfloat16 --batch 1,4 --prompt-len 1024 --transformers
+    dgemma bench --model models/dgemma-code-tiny --batch 1,8            # CPU, the shipped model
+
+What it measures, per batch size and execution mode (`eager`: the plain PyTorch pass; `static`: fixed shapes
+over every cache slot; `graph`: that pass captured as a CUDA graph; `fused`: graph with the elementwise pieces
+(norms, RoPE, gated GELU) compiled into fused kernels; `compiled`: graph of the whole pass through
+torch.compile; `triton`: graph with the Triton expert kernel; `fp8`: fused, with that kernel on FP8 expert
+weights):
+
+- `pass_ms`: one decoder pass over a canvas after a `--prompt-len` prompt (median of `--repeats`);
+- `step_ms`: a whole denoising step as generation runs it (pass + temperature, sampling, acceptance,
+  re-noising, early-stop test), from one-canvas generations of 1 and `--passes` steps;
+- `commit_ms`: the encoder pass that commits a canvas to the cache;
+- `tokens_per_s`, `first_canvas_s`: `--canvases` canvases at exactly `--passes` passes each (random weights
+  never stop early; the run checks it), prompt encoding included;
+- the per-pass split (eager, batch 1): attention (with norms and residuals), dense MLP, router + experts,
+  self-conditioning, LM head + sampling;
+- the floor: the bytes of weights a pass must stream over the device's measured copy bandwidth (bytes read
+  plus written, as a device-to-device copy moves them); `pass_ms / floor_ms` says how close a pass gets;
+- `--transformers`: transformers' `DiffusionGemmaForBlockDiffusion` on the *same* weight tensors (no copy), its
+  step time measured the same way.
+
+A preset is built directly on the device with random weights (`normal(0, initializer_range)`, norms one): the
+full 26B-A4B shape needs no checkpoint and no host memory. JSON goes to stdout (`--out DIR` also writes
+`bench.json` and `bench.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import DiffusionGemma
+from .config import PRESETS, DiffusionGemmaConfig, GenerationConfig, preset
+from .engine.cache import KVCache
+from .engine.static import StaticDenoiser, StaticPool
+from .model.model import DiffusionGemmaModel
+from .sampling import CanvasRNG
+from .sampling.step import CanvasState, denoise_update
+
+MODES = ("eager", "static", "graph", "fused", "compiled", "triton", "fp8")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- building -------------------------------------------------------------------------------------------------
+def random_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, seed: int = 0) -> DiffusionGemma:
+    """Random weights built directly on `device` in `dtype` (no host copy): normal(0, initializer_range),
+    norms and scales one. For timing; the values differ from `DiffusionGemma.from_config`'s CPU draw."""
+    with torch.device("meta"):
+        model = DiffusionGemmaModel(config)
+    model = model.to(dtype).to_empty(device=device)  # allocate in the target dtype only
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, config.initializer_range, generator=g)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
+    model.init_rope()
+    model.requires_grad_(False).eval()
+    return DiffusionGemma(model, GenerationConfig.for_model(config), None)
+
+
+def transformers_sharing(dg: DiffusionGemma):
+    """transformers' DiffusionGemmaForBlockDiffusion over the very tensors of `dg` (built on the meta device,
+    the weights assigned, not copied; the vision tower, unused for text, is left unallocated)."""
+    import tempfile
+
+    import transformers
+    from transformers import AutoConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hfm
+
+    from .model.weights import hf_sources
+
+    transformers.logging.set_verbosity_error()
+    device, dtype = dg.device, dg.model.dtype
+    with tempfile.TemporaryDirectory() as d:
+        dg.config.save(d)
+        cfg = AutoConfig.from_pretrained(d)
+    cfg.dtype = dtype
+    with torch.device("meta"):
+        hf = DiffusionGemmaForBlockDiffusion(cfg)
+    sources: dict[str, torch.Tensor] = {}
+    for name, t in dg.model.state_dict().items():
+        for src in hf_sources(name):
+            sources.setdefault(src, t)
+    sources.setdefault("lm_head.weight", dg.model.embed_tokens.weight)
+    wanted = hf.state_dict().keys()
+    hf.load_state_dict({k: sources[k] for k in wanted if k in sources}, strict=False, assign=True)
+    missing = [k for k in wanted if k not in sources and "vision" not in k]
+    if missing:
+        raise RuntimeError(f"no dgemma tensor for transformers parameters {missing[:5]}")
+    text_cfg = cfg.text_config if hasattr(cfg, "text_config") else cfg
+    for name, mod in list(hf.named_modules()):
+        if isinstance(mod, hfm.DiffusionGemmaTextRotaryEmbedding):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(hf.get_submodule(parent_name), attr, hfm.DiffusionGemmaTextRotaryEmbedding(text_cfg, device=device))
+        if name.endswith("embed_tokens") and hasattr(mod, "embed_scale"):
+            mod.embed_scale = torch.tensor(text_cfg.hidden_size ** 0.5, dtype=dtype, device=device)
+    for name, mod in hf.named_modules():  # the unused vision tower: anything left on meta gets empty storage
+        if "vision" in name and any(p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device=device, recurse=False)
+    hf.eval()
+    return hf
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+def free(device: torch.device) -> None:
+    """Release what dropped objects held (a captured graph's private pool goes only when the graph is freed)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float | None:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_() for _ in range(3)]
+    dst = torch.empty_like(bufs[0])
+    i = [0]
+
+    def copy():
+        dst.copy_(bufs[i[0] % 3])
+        i[0] += 1
+
+    ms = median_ms(copy, device, 10)
+    bufs.clear()
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms / 1e3)
+
+
+def weight_bytes(model: DiffusionGemmaModel) -> dict[str, int]:
+    """Bytes a decoder pass streams, by dtype: every parameter once (a 256-token canvas touches every expert),
+    FP8 experts counted at their FP8 size."""
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.stride() and min(p.stride()) == 0:  # released (FP8 experts hold the weights)
+            continue
+        key = str(p.dtype).replace("torch.", "")
+        out[key] = out.get(key, 0) + p.numel() * p.element_size()
+    for layer in model.layers:
+        kernel = layer.experts.kernel
+        if kernel is not None and kernel.fp8:
+            out["float8_e4m3fn"] = out.get("float8_e4m3fn", 0) + kernel.gate_up.nbytes + kernel.down.nbytes
+    return out
+
+
+def fixed_passes(dg: DiffusionGemma, passes: int, canvases: int) -> GenerationConfig:
+    """Exactly `passes` passes per canvas: no EOS, and a confidence threshold no random model gets under."""
+    return dg.generation_config.updated(max_denoising_steps=passes, max_new_tokens=canvases * dg.config.canvas_length,
+                                        eos_token_id=[], confidence_threshold=1e-30)
+
+
+def prompt_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1234)
+    return torch.randint(3, min(vocab, 255_000), (batch, length), generator=g)
+
+
+def filled_cache(dg: DiffusionGemma, ids: torch.Tensor, extra: int) -> KVCache:
+    b, n = ids.shape
+    c = dg.config.canvas_length
+    cache = KVCache(dg.model.text, b, n + extra, c, dg.model.dtype, dg.device)
+    with torch.inference_mode():
+        dg.model.encode(ids.to(dg.device), cache)
+    return cache
+
+
+def pass_split(dg: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, repeats: int) -> dict[str, float]:
+    """ms per eager pass spent in each part, from CUDA events (CPU: perf_counter) around the modules."""
+    model, device = dg.model, dg.device
+    cuda = device.type == "cuda"
+    marks: dict[str, list] = {}
+
+    def stamp():
+        if cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def hooks(module, key):
+        def pre(*_):
+            marks.setdefault(key, []).append([stamp(), None])
+
+        def post(*_):
+            marks[key][-1][1] = stamp()
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    handles = []
+    for layer in model.layers:
+        handles += hooks(layer, "layers") + hooks(layer.mlp, "dense_mlp") + hooks(layer.router, "experts") + \
+            hooks(layer.experts, "experts")
+    handles += hooks(model.self_conditioning, "self_conditioning")
+    gen = fixed_passes(dg, 2, 1)
+    sc = torch.randn(canvas.shape[0], canvas.shape[1], model.text.vocab_size, device=device)
+    totals: dict[str, list[float]] = {}
+    try:
+        with torch.inference_mode():
+            for r in range(repeats + 1):
+                marks.clear()
+                t_soft = [stamp()]
+                soft = model.soft_embeddings(sc)
+                t_soft.append(stamp())
+                x = model.forward(canvas, cache, None, True, soft)
+                t_head = [stamp()]
+                logits = model.logits(x)
+                state = CanvasState.start(canvas, gen)
+                denoise_update(state, logits, 2, gen, CanvasRNG())
+                t_head.append(stamp())
+                sync(device)
+                if r == 0:
+                    continue
+
+                def ms(a, b):
+                    return a.elapsed_time(b) if cuda else (b - a) * 1e3
+                part = {k: sum(ms(a, b) for a, b in v) for k, v in marks.items()}
+                part["attention_norms_residual"] = part.pop("layers") - part["dense_mlp"] - part["experts"]
+                part["self_conditioning"] += ms(*t_soft)
+                part["lm_head_sampling"] = ms(*t_head)
+                for k, v in part.items():
+                    totals.setdefault(k, []).append(v)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: round(statistics.median(v), 3) for k, v in totals.items()}
+
+
+def time_generate(dg: DiffusionGemma, ids: torch.Tensor, gen: GenerationConfig, static: bool, repeats: int,
+                  warmup: int = 1) -> dict[str, Any]:
+    device = dg.device
+    runs = []
+    for i in range(warmup + repeats):
+        torch.manual_seed(0)
+        sync(device)
+        t0 = time.perf_counter()
+        out = dg.generate(input_ids=ids, generation_config=gen, static_cache=static)
+        sync(device)
+        if i >= warmup:
+            runs.append((time.perf_counter() - t0, out))
+    wall = statistics.median(w for w, _ in runs)
+    out = runs[-1][1]
+    s = out.stats
+    new = sum(s.new_tokens)
+    return {"tokens_per_s": new / wall, "wall_s": wall, "new_tokens": new,
+            "first_canvas_s": statistics.median(o.stats.first_canvas_s for _, o in runs),
+            "passes_per_canvas": statistics.mean(p for row in s.passes_per_canvas for p in row),
+            "tokens_per_forward": statistics.mean(s.tokens_per_forward)}
+
+
+def step_ms(run_one_canvas, passes: int, device: torch.device, repeats: int) -> float:
+    """ms per denoising step: (one canvas at `passes` steps - one canvas at 1 step) / (passes - 1)."""
+    t_many = median_ms(lambda: run_one_canvas(passes), device, repeats, warmup=1)
+    t_one = median_ms(lambda: run_one_canvas(1), device, repeats, warmup=1)
+    return (t_many - t_one) / (passes - 1)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        dg = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+        source = args.model
+    else:
+        cfg = preset(args.preset)
+        if args.canvas:
+            cfg.canvas_length = args.canvas
+        log(f"building {args.preset} with random weights on {device} ({args.dtype})")
+        dg = random_model(cfg, str(device), dtype)
+        source = f"preset {args.preset}, random weights"
+    model, c, vocab = dg.model, dg.config.canvas_length, dg.model.text.vocab_size
+    result: dict[str, Any] = {
+        "machine": machine(device), "model": {"source": source, "parameters": sum(p.numel() for p in model.parameters()),
+                                               "canvas_length": c, "vocab_size": vocab, "dtype": args.dtype},
+        "settings": {k: getattr(args, k) for k in ("prompt_len", "passes", "canvases", "repeats", "batch", "modes")},
+        "runs": [], "errors": [],
+    }
+    bw = copy_bandwidth(device)
+    wb = weight_bytes(model)
+    result["weights_bytes"] = wb
+    result["copy_bandwidth_GBps"] = None if bw is None else round(bw / 1e9, 1)
+    floor = None if bw is None else sum(wb.values()) / bw * 1e3
+    result["floor_ms"] = None if floor is None else round(floor, 3)
+    log(f"weights {sum(wb.values()) / 1e9:.2f} GB, copy bandwidth {result['copy_bandwidth_GBps']} GB/s, "
+        f"floor {result['floor_ms']} ms/pass")
+    emit(args, result)
+
+    modes = [m for m in args.modes if m != "fp8"]
+    for b in args.batch:
+        ids = prompt_ids(b, args.prompt_len, vocab)
+        canvas = torch.randint(0, vocab, (b, c), device=device)
+        for mode in modes:
+            def one():
+                set_experts(model, mode)
+                result["runs"].append(measure(dg, ids, canvas, mode, args, floor))
+            guarded(result, f"{mode} b{b}", one)
+            emit(args, result)
+        set_experts(model, next((m for m in ("fused", "triton") if m in modes), "eager"))
+        if args.split and b == args.batch[0]:
+            def split():
+                cache = filled_cache(dg, ids, c)
+                result["split_ms"] = {"batch": b, "variant": next((m for m in ("fused", "triton") if m in modes), "eager"),
+                                      **pass_split(dg, cache, canvas, args.repeats)}
+            guarded(result, "split", split)
+            emit(args, result)
+        if args.transformers:
+            guarded(result, f"transformers b{b}", lambda: result["runs"].append(
+                measure_transformers(dg, ids, args, floor)))
+            emit(args, result)
+    if "fp8" in args.modes:
+        def fp8():
+            ref_ids = prompt_ids(1, args.prompt_len, vocab)
+            ref_canvas = torch.randint(0, vocab, (1, c), device=device)
+            cache = filled_cache(dg, ref_ids, c)
+            set_experts(model, "eager")
+            experts = model.layers[0].experts
+            n = 8 * c
+            x = torch.randn(n // 8, model.text.hidden_size, device=device, dtype=model.dtype)
+            weights, ids = model.layers[0].router(x)
+            with torch.inference_mode():
+                before, expert_before = model.denoise(ref_canvas, cache), experts(x, weights, ids)
+                set_experts(model, "fp8")
+                after, expert_after = model.denoise(ref_canvas, cache), experts(x, weights, ids)
+            # one layer's experts: the quantisation error itself; the logits of a random-weight model amplify any
+            # perturbation over 30 layers, so their error says little about a trained model
+            result["fp8_expert_rel_error"] = float((expert_after - expert_before).float().norm()
+                                                   / expert_before.float().norm())
+            result["fp8_logits_rel_error_random_weights"] = float((after - before).norm() / before.norm())
+            result["weights_bytes_fp8"] = weight_bytes(model)
+            fp8_floor = None if bw is None else sum(result["weights_bytes_fp8"].values()) / bw * 1e3
+            result["floor_ms_fp8"] = fp8_floor
+            for b in args.batch:
+                ids = prompt_ids(b, args.prompt_len, vocab)
+                canvas = torch.randint(0, vocab, (b, c), device=device)
+                guarded(result, f"fp8 b{b}", lambda: result["runs"].append(
+                    measure(dg, ids, canvas, "fp8", args, fp8_floor)))
+                emit(args, result)
+        guarded(result, "fp8", fp8)
+    if device.type == "cuda":
+        result["peak_memory_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    emit(args, result)
+    return result
+
+
+def set_experts(model: DiffusionGemmaModel, mode: str) -> None:
+    """`triton`: the Triton expert kernel (bf16); `fp8`: the same with FP8 weights (for good: frees the bf16
+    experts); otherwise torch's grouped_mm."""
+    from .model.layers import compile_elementwise
+    from .model.moe_kernel import use_triton_experts
+
+    compile_elementwise(mode in ("fused", "fp8"))
+    current = model.layers[0].experts.kernel
+    if current is not None and current.fp8:
+        return
+    if mode in ("triton", "fp8"):
+        if current is None or mode == "fp8":
+            use_triton_experts(model, fp8=mode == "fp8")
+    else:
+        for layer in model.layers:
+            layer.experts.kernel = None
+
+
+def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: str, args, floor) -> dict[str, Any]:
+    device, model, c = dg.device, dg.model, dg.config.canvas_length
+    b = ids.shape[0]
+    static = mode != "eager"
+    graph = mode not in ("eager", "static")
+    log(f"{mode} batch {b}")
+    cache = filled_cache(dg, ids, c)
+    sc = torch.randn(b, c, model.text.vocab_size, device=device)
+    den = None
+    with torch.inference_mode():
+        if static:
+            den = StaticDenoiser(model, cache, graph=graph, compile=mode == "compiled")
+            den.prepare()
+            pass_ms = median_ms(lambda: den(canvas, sc), device, args.repeats)
+        else:
+            pass_ms = median_ms(lambda: model.denoise(canvas, cache, sc), device, args.repeats)
+        lengths = cache.lengths.clone()
+        slots = {k: v.clone() for k, v in cache.slot_pos.items()}
+
+        def commit():
+            model.encode(canvas, cache)
+            cache.lengths.copy_(lengths)
+            for k, v in slots.items():
+                cache.slot_pos[k].copy_(v)
+        commit_ms = median_ms(commit, device, args.repeats)
+    cache = den = None  # free the cache (and graph) before generation allocates its own
+    free(device)
+
+    gen_static = static
+    dg._static = StaticPool(graph=graph, compile=mode == "compiled")  # generation: the same pass as timed above
+
+    def one_canvas(steps: int):
+        dg.generate(input_ids=ids, generation_config=fixed_passes(dg, steps, 1), static_cache=gen_static)
+
+    step = step_ms(one_canvas, args.passes, device, max(2, args.repeats // 3))
+    gen = time_generate(dg, ids, fixed_passes(dg, args.passes, args.canvases), gen_static, max(1, args.repeats // 3))
+    row = {"system": "dgemma", "mode": mode, "batch": b, "pass_ms": round(pass_ms, 3), "step_ms": round(step, 3),
+           "commit_ms": round(commit_ms, 3), **{k: round(v, 4) for k, v in gen.items()}}
+    if floor:
+        row["pass_over_floor"] = round(pass_ms / floor, 3)
+    dg._static = StaticPool()  # drop the captured graph and its cache
+    free(device)
+    return row
+
+
+def measure_transformers(dg: DiffusionGemma, ids: torch.Tensor, args, floor) -> dict[str, Any]:
+    import transformers
+
+    device, c = dg.device, dg.config.canvas_length
+    b = ids.shape[0]
+    log(f"transformers batch {b}")
+    hf = transformers_sharing(dg)
+    dev_ids = ids.to(device)
+
+    def canvases(n: int, steps: int):
+        with torch.inference_mode():
+            hf.generate(input_ids=dev_ids, max_new_tokens=n * c, max_denoising_steps=steps, eos_token_id=[],
+                        pad_token_id=0)
+
+    step = step_ms(lambda steps: canvases(1, steps), args.passes, device, max(2, args.repeats // 3))
+    wall = median_ms(lambda: canvases(args.canvases, args.passes), device, max(1, args.repeats // 3), warmup=1)
+    hf = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"system": "transformers", "version": transformers.__version__, "mode": "eager", "batch": b,
+            "step_ms": round(step, 3), "tokens_per_s": round(b * args.canvases * c / (wall / 1e3), 2),
+            "wall_s": round(wall / 1e3, 4), "step_over_floor": round(step / floor, 3) if floor else None}
+
+
+def guarded(result: dict, what: str, fn) -> None:
+    try:
+        fn()
+    except Exception as e:  # one failing variant must not lose the others' numbers
+        log(f"{what} failed: {e!r}")
+        result["errors"].append({"what": what, "error": repr(e), "trace": traceback.format_exc()[-2000:]})
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    import platform
+    info = {"torch": torch.__version__, "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_GB=round(p.total_memory / 1e9, 1), sms=p.multi_processor_count)
+    else:
+        from contextlib import suppress
+        with suppress(OSError), open("/proc/cpuinfo") as f:
+            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    return info
+
+
+def emit(args, result: dict) -> None:
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(result, indent=2))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["runs"] if "step_ms" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['system'] if r['system'] != 'dgemma' else r['mode']}\nb{r['batch']}" for r in rows]
+    bars = axes[0].bar(labels, [r["step_ms"] for r in rows], color="#4c72b0")
+    axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
+    if result.get("floor_ms"):
+        axes[0].axhline(result["floor_ms"], color="red", ls="--", label=f"weight-streaming floor {result['floor_ms']:.1f} ms")
+        axes[0].legend()
+    axes[0].set_ylabel("ms per denoising step (pass + sampling)")
+    tps = [r for r in rows if "tokens_per_s" in r]
+    bars = axes[1].bar([labels[rows.index(r)] for r in tps], [r["tokens_per_s"] for r in tps], color="#55a868")
+    axes[1].bar_label(bars, fmt="%.0f", fontsize=8)
+    axes[1].set_ylabel(f"tokens/s at {result['settings']['passes']} passes per canvas")
+    m = result["machine"]
+    fig.suptitle(f"{result['model']['source']}, prompt {result['settings']['prompt_len']}, "
+                 f"{m.get('gpu') or m.get('cpu')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time denoising passes and canvases against the hardware floor",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import int_at_least_1 as positive_int
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="a checkpoint directory")
+    src.add_argument("--preset", default="tiny", choices=PRESETS, help="random weights of this shape (default tiny)")
+    p.add_argument("--random-weights", action="store_true", help="with --preset (the default for a preset)")
+    p.add_argument("--canvas", type=positive_int, help="canvas length of a preset (default: its own)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--prompt-len", type=positive_int, default=1024)
+    p.add_argument("--passes", type=int, default=16, help="denoising passes per canvas (default 16)")
+    p.add_argument("--canvases", type=positive_int, default=2, help="canvases per generation (default 2)")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} "
+                                                 "(default: eager,graph on CUDA, eager,static on the CPU)")
+    p.add_argument("--split", action="store_true", help="also the per-part split of an eager pass")
+    p.add_argument("--transformers", action="store_true", help="also transformers on the same weights")
+    p.add_argument("--repeats", type=positive_int, default=6)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--out", metavar="DIR", help="write bench.json and bench.png here")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .cli import CLIError
+
+    try:
+        args.batch = [int(x) for x in args.batch.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
+    if not args.batch or min(args.batch) < 1:
+        raise CLIError("--batch needs sizes >= 1")
+    if args.passes < 2:
+        raise CLIError("--passes must be >= 2 (the step time is a difference of 1 and --passes passes)")
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available here")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.modes = (args.modes or ("eager,graph" if cuda else "eager,static")).split(",")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        raise CLIError(f"unknown --modes {bad}; choose from {', '.join(MODES)}")
+    if not cuda and set(args.modes) - {"eager", "static"}:
+        raise CLIError("--modes other than eager and static need a CUDA device")
+    if args.model:
+        args.preset = None
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        try:
+            plot(result, Path(args.out) / "bench.png")
+        except ImportError:
+            log("matplotlib is not installed: no plot")
+    return 0 if not result["errors"] else 1
+
