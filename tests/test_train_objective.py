@@ -46,6 +46,11 @@ def test_corruption_follows_the_linear_schedule():
     assert 0.45 < plan.self_cond.float().mean() < 0.55
 
 
+def test_elbo_weighting_is_one_over_t_clamped():
+    t = torch.tensor([0.5, 0.25, 0.001])
+    assert torch.allclose(canvas_weights(t, "elbo"), torch.tensor([2.0, 4.0, 10.0]))
+
+
 def test_inv_t_weighting_is_clamped():
     t = torch.tensor([0.0, 0.5, 0.999])
     assert canvas_weights(t, "unweighted").tolist() == [1.0, 1.0, 1.0]

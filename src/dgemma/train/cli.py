@@ -56,7 +56,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--weight-decay", type=float, default=1e-4, metavar="W", help="AdamW weight decay (default 1e-4)")
     opt.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
     opt.add_argument("--weighting", choices=WEIGHTINGS, default="unweighted",
-                     help="diffusion loss weight per example: none, or 1/(1-t) (default unweighted)")
+                     help="diffusion loss weight per example: none, 1/(1-t) or 1/t (ELBO) (default unweighted)")
     opt.add_argument("--diffusion-weight", type=float, default=1.0, metavar="W",
                      help="weight of the diffusion (decoder) loss (default 1); 0: an AR-only baseline, the decoder "
                           "is not run")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..model.model import DiffusionGemmaModel
 from .batches import Batch
 
-WEIGHTINGS = ("unweighted", "inv_t")
+WEIGHTINGS = ("unweighted", "inv_t", "elbo")
 SUM_KEYS = ("diffusion_sum", "ar_sum", "canvas_tokens", "ar_tokens")  # what `diffusion_gemma_loss` reports
 
 
@@ -174,11 +174,16 @@ def plan_canvases(batch: Batch, canvas_length: int, vocab_size: int, pad_id: int
 
 
 def canvas_weights(t: torch.Tensor, weighting: str, max_weight: float = 10.0) -> torch.Tensor:
-    """Per-row loss weight: 1 ("unweighted", base-sft) or 1/(1-t) clamped to `max_weight` ("inv_t")."""
+    """Per-row loss weight, clamped to `max_weight`: 1 ("unweighted", base-sft), 1/(1-t) ("inv_t", the design
+    notes' variant) or 1/t ("elbo"). With keep probability alpha(t) = 1 - t, the ELBO weight of the masked/uniform
+    diffusion cross-entropy is -alpha'(t) / (1 - alpha(t)) = 1/t (MD4, and hackable_diffusion's discrete loss):
+    noisier canvases weigh less. "inv_t" weighs them more; both are offered."""
     if weighting == "unweighted":
         return torch.ones_like(t)
     if weighting == "inv_t":
         return (1 / (1 - t)).clamp(max=max_weight)
+    if weighting == "elbo":
+        return (1 / t).clamp(max=max_weight)
     raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
 
 
