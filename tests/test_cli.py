@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from dgemma import cli
+from dgemma import canvas_view, cli
 from dgemma.cli import main
 from dgemma.tokenizer import byte_tokenizer
 
@@ -107,7 +107,7 @@ def test_show_canvas_on_a_tty_redraws_in_place(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdout", tty)
     assert main(["generate", "Hello there", *FAST, "--show-canvas"]) == 0
     out = tty.getvalue()
-    assert cli._ACCEPTED in out  # accepted positions highlighted
+    assert canvas_view._ACCEPTED in out  # accepted positions highlighted
     assert "\x1b[J" in out  # the previous draft is cleared before each redraw
     assert out.count("\x1b[?25l") == 1 and out.count("\x1b[?25h") == 1  # cursor hidden, then shown again
 

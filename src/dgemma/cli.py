@@ -14,21 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import shutil
 import sys
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from .config import FULL, PRESETS, SLIDING, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .canvas_view import CanvasView
+from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .info import format_info, model_info
 from .model.weights import CheckpointError
 
 PROG = "dgemma"
 DTYPES = ("float32", "bfloat16", "float16")
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int4": 0.5}
 
 
 class CLIError(Exception):
@@ -135,21 +133,6 @@ def _resolve_model(name: str) -> tuple[str, DiffusionGemmaConfig, GenerationConf
     raise FileNotFoundError(f"{name}: no such model directory or preset (known presets: {', '.join(PRESETS)})")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError  # unreachable
-
-
-def _human_count(n: float) -> str:
-    for value, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= value:
-            return f"{n / value:.2f}{suffix}"
-    return str(int(n))
-
-
 class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (works under test capture and redirection)."""
 
@@ -240,109 +223,6 @@ def _split_thinking(tokenizer, tokens: list[int]) -> tuple[str, str]:
     drop = _special_ids(tokenizer) - markers
     return split_reasoning(tokenizer.decode([t for t in tokens if t not in drop], skip_special_tokens=False))
 
-
-# -- the live canvas ------------------------------------------------------------------------------------
-
-_ACCEPTED, _PENDING, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
-_CONTROL = {"\n": "↵", "\r": "␍", "\t": "→"}
-
-
-def _visible(text: str) -> str:
-    """One draft position as a single-line, printable piece."""
-    out = "".join(_CONTROL.get(ch, "·" if unicodedata.category(ch) in ("Cc", "Cf") else ch) for ch in text)
-    return out or "∅"
-
-
-def _width(text: str) -> int:
-    """Terminal columns taken by `text` (no escape codes in it)."""
-    w = 0
-    for ch in text:
-        if unicodedata.combining(ch) or unicodedata.category(ch) == "Cc":
-            continue
-        w += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
-    return w
-
-
-class CanvasView:
-    """Shows row 0's draft at every denoising step.
-
-    On a terminal the draft is redrawn in place below the text committed so far (accepted positions in
-    green, the rest dim), with ANSI cursor movement. Elsewhere each step is one plain line:
-    `[canvas C step S  A/N accepted] draft`.
-    """
-
-    def __init__(self, out: TextIO, tokenizer, tty: bool):
-        self.out, self.tokenizer, self.tty = out, tokenizer, tty
-        self.pieces: dict[int, str] = {}
-        self.partial = ""  # committed text after the last newline written (what the region redraws)
-        self.rows = 0  # terminal rows the drawn region spans (0: nothing drawn)
-        if tty:
-            self.out.write("\x1b[?25l")  # hide the cursor while animating
-
-    def _piece(self, token: int) -> str:
-        if token not in self.pieces:
-            self.pieces[token] = _visible(self.tokenizer.decode([token], skip_special_tokens=False))
-        return self.pieces[token]
-
-    def text(self, piece: str) -> None:
-        """Committed text (streamed output) written above the region."""
-        if not piece:
-            return
-        self.out.write(piece)
-        self.partial = piece.rsplit("\n", 1)[1] if "\n" in piece else self.partial + piece
-        self.out.flush()
-
-    def step(self, event) -> None:
-        tokens, accepted = event.draft[0].tolist(), event.accepted[0].tolist()
-        pieces = [self._piece(t) for t in tokens]
-        if not self.tty:
-            head = f"[canvas {event.canvas_index} step {event.step:>2} {sum(accepted):>4}/{len(tokens)} accepted]"
-            self.out.write(f"{head} {''.join(pieces)}\n")
-            self.out.flush()
-            return
-        columns = max(shutil.get_terminal_size().columns, 10)
-        height = max(shutil.get_terminal_size().lines, 3)
-
-        def rows(text: str) -> int:
-            return max(1, math.ceil(_width(text) / columns))
-
-        draft = "".join(pieces)
-        self._erase()
-        if rows(self.partial) + rows(draft) >= height:  # too tall to redraw in place: let the text line end
-            self.out.write("\n")
-            self.partial = ""
-        colored, state = [], None
-        for piece, a in zip(pieces, accepted):
-            if a != state:  # one color change per run of accepted / pending positions
-                colored.append(_RESET + (_ACCEPTED if a else _PENDING))
-                state = a
-            colored.append(piece)
-        colored = "".join(colored) + _RESET
-        self.out.write("\n" + colored)
-        self.rows = rows(self.partial) + rows(draft)
-        self.out.flush()
-
-    def _erase(self) -> None:
-        """Back to the start of the partial text line, clear below, and rewrite the partial line."""
-        if not self.rows:
-            return
-        up = f"\x1b[{self.rows - 1}A" if self.rows > 1 else ""
-        self.out.write("\r" + up + "\x1b[J" + self.partial)
-        self.rows = 0
-
-    def commit(self) -> None:
-        if self.tty:
-            self._erase()
-            self.out.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self._erase()
-            self.out.write("\x1b[?25h")
-            self.out.flush()
-
-
-# -- generate ---------------------------------------------------------------------------------------
 
 def cmd_generate(args: argparse.Namespace) -> int:
 
@@ -485,112 +365,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- info -------------------------------------------------------------------------------------------
-
-def model_info(name: str) -> dict[str, Any]:
-    """Everything `dgemma info` shows, as plain data (reads config.json only)."""
-    source, config, gen = _resolve_model(name)
-    t = config.text_config
-    layer_types = list(t.layer_types)
-
-    def kind_info(kind: str) -> dict[str, Any] | None:
-        layers = [i for i, k in enumerate(layer_types) if k == kind]
-        if not layers:
-            return None
-        i = layers[0]
-        info = {"layers": len(layers), "kv_heads": t.layer_kv_heads(i), "head_dim": t.layer_head_dim(i),
-                "values_are_keys": kind == FULL}
-        if kind == SLIDING:
-            info["window"] = t.sliding_window
-        return info
-
-    # KV cache, bf16, one sequence: each layer stores keys and values [kv_heads, tokens, head_dim]. Full
-    # layers keep every token; sliding layers keep at most sliding_window - 1 tokens (a ring buffer).
-    full_per_token = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 2
-                         for i, k in enumerate(layer_types) if k == FULL)
-    sliding_per_token = sum(2 * t.layer_kv_heads(i) * t.layer_head_dim(i) * 2
-                            for i, k in enumerate(layer_types) if k == SLIDING)
-    window_tokens = max(t.sliding_window - 1, 0)
-
-    def kv_at(tokens: int) -> int:
-        return full_per_token * tokens + sliding_per_token * min(tokens, window_tokens)
-
-    counts = config.parameter_counts()
-    return {
-        "model": name,
-        "source": source,
-        "random_weights": source == "preset",
-        "config": {
-            "layers": t.num_hidden_layers,
-            "sliding_layers": layer_types.count(SLIDING),
-            "full_layers": layer_types.count(FULL),
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "attention_heads": t.num_attention_heads,
-            "sliding_attention": kind_info(SLIDING),
-            "full_attention": kind_info(FULL),
-            "experts": t.num_experts,
-            "top_k_experts": t.top_k_experts,
-            "expert_intermediate_size": t.moe_intermediate_size,
-            "vocab_size": t.vocab_size,
-            "context_length": t.max_position_embeddings,
-            "sliding_window": t.sliding_window,
-            "canvas_length": config.canvas_length,
-        },
-        "generation": {"max_new_tokens": gen.max_new_tokens, "max_denoising_steps": gen.max_denoising_steps,
-                       "entropy_bound": gen.entropy_bound, "t_min": gen.t_min, "t_max": gen.t_max},
-        "parameters": counts,
-        "weights_bytes": {k: int(counts["total"] * b) for k, b in BYTES_PER_PARAM.items()},
-        "kv_cache_bf16": {
-            "bytes_per_token_full_layers": full_per_token,
-            "bytes_per_token_sliding_layers": sliding_per_token,
-            "sliding_tokens_max": window_tokens,
-            "bytes_per_1k_tokens_full_layers": full_per_token * 1024,
-            "bytes_sliding_layers_max": sliding_per_token * window_tokens,
-            "bytes_at_1k_tokens": kv_at(1024),
-        },
-    }
-
-
-def format_info(info: dict[str, Any]) -> str:
-    c, p, kv = info["config"], info["parameters"], info["kv_cache_bf16"]
-    src = "preset, random weights" if info["source"] == "preset" else "checkpoint directory"
-    lines = [
-        ("model", f"{info['model']} ({src})"),
-        ("layers", f"{c['layers']} ({c['sliding_layers']} sliding, {c['full_layers']} full attention)"),
-        ("hidden size", f"{c['hidden_size']} (dense MLP {c['intermediate_size']})"),
-        ("query heads", str(c["attention_heads"])),
-    ]
-    for key, label in (("sliding_attention", "  sliding"), ("full_attention", "  full")):
-        a = c[key]
-        if a:
-            extra = f", window {a['window']}" if "window" in a else ""
-            extra += ", values = keys" if a["values_are_keys"] else ""
-            lines.append((label, f"{a['kv_heads']} KV head{'s' if a['kv_heads'] != 1 else ''} x head dim {a['head_dim']}{extra}"))
-    lines += [
-        ("experts", f"{c['experts']}, top-{c['top_k_experts']}, expert dim {c['expert_intermediate_size']}"),
-        ("vocab", f"{c['vocab_size']:,}"),
-        ("context", f"{c['context_length']:,} tokens"),
-        ("sliding window", f"{c['sliding_window']:,} tokens"),
-        ("canvas length", f"{c['canvas_length']} tokens"),
-        ("parameters", f"{_human_count(p['total'])} total ({p['total']:,}), {_human_count(p['active'])} active "
-                       f"per token ({p['active']:,})"),
-        ("", f"embedding {_human_count(p['embedding'])}, experts {_human_count(p['experts'])}"),
-        ("weights", "  ".join(f"{k} {_human_bytes(v)}" for k, v in info["weights_bytes"].items())),
-        ("KV cache (bf16)", f"{_human_bytes(kv['bytes_at_1k_tokens'])} at 1k tokens of context, per sequence: "
-                            f"{_human_bytes(kv['bytes_per_1k_tokens_full_layers'])} per 1k tokens "
-                            f"(full layers) + sliding layers up to "
-                            f"{_human_bytes(kv['bytes_sliding_layers_max'])} ({kv['sliding_tokens_max']} tokens)"),
-    ]
-    g = info["generation"]
-    lines.append(("sampler defaults", f"{g['max_denoising_steps']} steps, entropy bound {g['entropy_bound']}, "
-                                      f"t {g['t_min']}..{g['t_max']}, {g['max_new_tokens']} new tokens"))
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
+    info = model_info(args.model, *_resolve_model(args.model))
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 
