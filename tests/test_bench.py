@@ -40,13 +40,23 @@ def test_bench_cli_reports_every_mode_with_fixed_passes(tmp_path, capsys):
     assert [(r["mode"], r["batch"]) for r in result["runs"]] == [("eager", 1), ("static", 1), ("eager", 2),
                                                                  ("static", 2)]
     assert all(r["passes_per_canvas"] == 3 and r["new_tokens"] == 32 * r["batch"] for r in result["runs"])
-    assert set(result["split_ms"]) == {"batch", "variant", "attention_norms_residual", "dense_mlp", "experts",
+    assert set(result["split_ms"]) == {"batch", "prompt_len", "variant", "attention_norms_residual", "dense_mlp", "experts",
                                        "self_conditioning", "lm_head_sampling"}
     assert json.loads((tmp_path / "bench.json").read_text())["runs"] == result["runs"]
 
 
+def test_bench_sweeps_prompt_canvas_and_passes(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--modes", "eager", "--prompt-len", "8,20",
+                 "--canvas", "16,32", "--passes", "2,3", "--canvases", "1", "--repeats", "1"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["canvas_length"], r["prompt_len"], r["passes"]) for r in rows] == [
+        (c, p, s) for c in (16, 32) for p in (8, 20) for s in (2, 3)]
+    assert all(r["passes_per_canvas"] == r["passes"] and r["new_tokens"] == r["canvas_length"] for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "1,x"], "--batch must be comma-separated integers"),
+    (["--prompt-len", "0"], "--prompt-len needs values >= 1"),
     (["--passes", "1"], "--passes must be >= 2"),
     (["--modes", "eager,warp"], "unknown --modes ['warp']"),
     (["--device", "cpu", "--modes", "graph"], "need a CUDA device"),

@@ -14,9 +14,12 @@ weights):
   re-noising, early-stop test), from one-canvas generations of 1 and `--passes` steps;
 - `commit_ms`: the encoder pass that commits a canvas to the cache;
 - `tokens_per_s`, `first_canvas_s`: `--canvases` canvases at exactly `--passes` passes each (random weights
-  never stop early; the run checks it), prompt encoding included;
-- the per-pass split (eager, batch 1): attention (with norms and residuals), dense MLP, router + experts,
-  self-conditioning, LM head + sampling;
+  never stop early; `passes_per_canvas` shows it), prompt encoding included;
+- the per-pass split (`--split`; eager, first batch size): attention (with norms and residuals), dense MLP,
+  router + experts, self-conditioning, LM head + sampling, from events around the modules (on a GPU an eager
+  pass is launch-bound, so launch gaps count in each part; `benchmarks/profile_pass.py` gives kernel times);
+- `--batch`, `--prompt-len`, `--canvas` and `--passes` take comma-separated lists: every combination is run;
+- peak memory: GPU memory allocated, or the process's peak RSS on the CPU;
 - the floor: the bytes of weights a pass must stream over the device's measured copy bandwidth (bytes read
   plus written, as a device-to-device copy moves them); `pass_ms / floor_ms` says how close a pass gets;
 - `--transformers`: transformers' `DiffusionGemmaForBlockDiffusion` on the *same* weight tensors (no copy), its
@@ -301,16 +304,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source = args.model
     else:
         cfg = preset(args.preset)
-        if args.canvas:
-            cfg.canvas_length = args.canvas
         log(f"building {args.preset} with random weights on {device} ({args.dtype})")
         dg = random_model(cfg, str(device), dtype)
         source = f"preset {args.preset}, random weights"
-    model, c, vocab = dg.model, dg.config.canvas_length, dg.model.text.vocab_size
+    model, vocab = dg.model, dg.model.text.vocab_size
     result: dict[str, Any] = {
         "machine": machine(device), "model": {"source": source, "parameters": sum(p.numel() for p in model.parameters()),
-                                               "canvas_length": c, "vocab_size": vocab, "dtype": args.dtype},
-        "settings": {k: getattr(args, k) for k in ("prompt_len", "passes", "canvases", "repeats", "batch", "modes")},
+                                               "canvas_length": dg.config.canvas_length, "vocab_size": vocab,
+                                               "dtype": args.dtype},
+        "settings": {k: getattr(args, k) for k in ("prompt_len", "canvas", "passes", "canvases", "repeats", "batch",
+                                                   "modes")},
         "runs": [], "errors": [],
     }
     bw = copy_bandwidth(device)
@@ -324,36 +327,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     emit(args, result)
 
     modes = [m for m in args.modes if m != "fp8"]
-    for b in args.batch:
-        ids = prompt_ids(b, args.prompt_len, vocab)
-        canvas = torch.randint(0, vocab, (b, c), device=device)
-        for mode in modes:
-            def one():
-                set_experts(model, mode)
-                result["runs"].append(measure(dg, ids, canvas, mode, args, floor))
-            guarded(result, f"{mode} b{b}", one)
-            emit(args, result)
-        set_experts(model, next((m for m in ("fused", "triton") if m in modes), "eager"))
-        if args.split and b == args.batch[0]:
-            def split():
-                cache = filled_cache(dg, ids, c)
-                result["split_ms"] = {"batch": b, "variant": next((m for m in ("fused", "triton") if m in modes), "eager"),
-                                      **pass_split(dg, cache, canvas, args.repeats)}
-            guarded(result, "split", split)
-            emit(args, result)
-        if args.transformers:
-            guarded(result, f"transformers b{b}", lambda: result["runs"].append(
-                measure_transformers(dg, ids, args, floor)))
-            emit(args, result)
+    best = next((m for m in ("fused", "triton") if m in modes), "eager")  # for the split
+
+    def sweep(modes_now: list[str], floor_now, with_extras: bool) -> None:
+        for canvas_length in args.canvas or [dg.config.canvas_length]:
+            dg.config.canvas_length = canvas_length
+            for prompt_len in args.prompt_len:
+                for b in args.batch:
+                    ids = prompt_ids(b, prompt_len, vocab)
+                    canvas = torch.randint(0, vocab, (b, canvas_length), device=device)
+                    tag = f"b{b} prompt {prompt_len} canvas {canvas_length}"
+                    for mode in modes_now:
+                        def one(mode=mode):
+                            set_experts(model, mode)
+                            result["runs"].extend(measure(dg, ids, canvas, mode, args, floor_now))
+                        guarded(result, f"{mode} {tag}", one)
+                        emit(args, result)
+                    if not with_extras:
+                        continue
+                    if args.split and "split_ms" not in result:
+                        def split():
+                            set_experts(model, best)
+                            cache = filled_cache(dg, ids, canvas_length)
+                            result["split_ms"] = {"batch": b, "prompt_len": prompt_len, "variant": best,
+                                                  **pass_split(dg, cache, canvas, args.repeats)}
+                        guarded(result, "split", split)
+                        emit(args, result)
+                    if args.transformers:
+                        guarded(result, f"transformers {tag}", lambda: result["runs"].extend(
+                            measure_transformers(dg, ids, args, floor)))
+                        emit(args, result)
+
+    sweep(modes, floor, True)
     if "fp8" in args.modes:
         def fp8():
-            ref_ids = prompt_ids(1, args.prompt_len, vocab)
+            c = dg.config.canvas_length = (args.canvas or [dg.config.canvas_length])[0]
+            cache = filled_cache(dg, prompt_ids(1, args.prompt_len[0], vocab), c)
             ref_canvas = torch.randint(0, vocab, (1, c), device=device)
-            cache = filled_cache(dg, ref_ids, c)
             set_experts(model, "eager")
             experts = model.layers[0].experts
-            n = 8 * c
-            x = torch.randn(n // 8, model.text.hidden_size, device=device, dtype=model.dtype)
+            x = torch.randn(c, model.text.hidden_size, device=device, dtype=model.dtype)
             weights, ids = model.layers[0].router(x)
             with torch.inference_mode():
                 before, expert_before = model.denoise(ref_canvas, cache), experts(x, weights, ids)
@@ -367,15 +380,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["weights_bytes_fp8"] = weight_bytes(model)
             fp8_floor = None if bw is None else sum(result["weights_bytes_fp8"].values()) / bw * 1e3
             result["floor_ms_fp8"] = fp8_floor
-            for b in args.batch:
-                ids = prompt_ids(b, args.prompt_len, vocab)
-                canvas = torch.randint(0, vocab, (b, c), device=device)
-                guarded(result, f"fp8 b{b}", lambda: result["runs"].append(
-                    measure(dg, ids, canvas, "fp8", args, fp8_floor)))
-                emit(args, result)
+            cache = None
+            free(device)
+            sweep(["fp8"], fp8_floor, False)
         guarded(result, "fp8", fp8)
     if device.type == "cuda":
         result["peak_memory_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    else:
+        import resource
+        result["peak_rss_GB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)  # KiB on Linux
     emit(args, result)
     return result
 
@@ -398,12 +411,13 @@ def set_experts(model: DiffusionGemmaModel, mode: str) -> None:
             layer.experts.kernel = None
 
 
-def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: str, args, floor) -> dict[str, Any]:
+def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: str, args, floor) -> list[dict]:
+    """One row per `--passes` value: pass, commit and step times, and generation at that many passes."""
     device, model, c = dg.device, dg.model, dg.config.canvas_length
     b = ids.shape[0]
     static = mode != "eager"
     graph = mode not in ("eager", "static")
-    log(f"{mode} batch {b}")
+    log(f"{mode} batch {b} prompt {ids.shape[1]} canvas {c}")
     cache = filled_cache(dg, ids, c)
     sc = torch.randn(b, c, model.text.vocab_size, device=device)
     den = None
@@ -432,18 +446,22 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     def one_canvas(steps: int):
         dg.generate(input_ids=ids, generation_config=fixed_passes(dg, steps, 1), static_cache=gen_static)
 
-    step = step_ms(one_canvas, args.passes, device, max(2, args.repeats // 3))
-    gen = time_generate(dg, ids, fixed_passes(dg, args.passes, args.canvases), gen_static, max(1, args.repeats // 3))
-    row = {"system": "dgemma", "mode": mode, "batch": b, "pass_ms": round(pass_ms, 3), "step_ms": round(step, 3),
-           "commit_ms": round(commit_ms, 3), **{k: round(v, 4) for k, v in gen.items()}}
-    if floor:
-        row["pass_over_floor"] = round(pass_ms / floor, 3)
+    rows = []
+    for passes in args.passes:
+        step = step_ms(one_canvas, passes, device, max(2, args.repeats // 3))
+        gen = time_generate(dg, ids, fixed_passes(dg, passes, args.canvases), gen_static, max(1, args.repeats // 3))
+        row = {"system": "dgemma", "mode": mode, "batch": b, "prompt_len": ids.shape[1], "canvas_length": c,
+               "passes": passes, "pass_ms": round(pass_ms, 3), "step_ms": round(step, 3),
+               "commit_ms": round(commit_ms, 3), **{k: round(v, 4) for k, v in gen.items()}}
+        if floor:
+            row["pass_over_floor"] = round(pass_ms / floor, 3)
+        rows.append(row)
     dg._static = StaticPool()  # drop the captured graph and its cache
     free(device)
-    return row
+    return rows
 
 
-def measure_transformers(dg: DiffusionGemma, ids: torch.Tensor, args, floor) -> dict[str, Any]:
+def measure_transformers(dg: DiffusionGemma, ids: torch.Tensor, args, floor) -> list[dict]:
     import transformers
 
     device, c = dg.device, dg.config.canvas_length
@@ -457,14 +475,17 @@ def measure_transformers(dg: DiffusionGemma, ids: torch.Tensor, args, floor) -> 
             hf.generate(input_ids=dev_ids, max_new_tokens=n * c, max_denoising_steps=steps, eos_token_id=[],
                         pad_token_id=0)
 
-    step = step_ms(lambda steps: canvases(1, steps), args.passes, device, max(2, args.repeats // 3))
-    wall = median_ms(lambda: canvases(args.canvases, args.passes), device, max(1, args.repeats // 3), warmup=1)
+    rows = []
+    for passes in args.passes:
+        step = step_ms(lambda steps: canvases(1, steps), passes, device, max(2, args.repeats // 3))
+        wall = median_ms(lambda: canvases(args.canvases, passes), device, max(1, args.repeats // 3), warmup=1)
+        rows.append({"system": "transformers", "version": transformers.__version__, "mode": "eager", "batch": b,
+                     "prompt_len": ids.shape[1], "canvas_length": c, "passes": passes, "step_ms": round(step, 3),
+                     "tokens_per_s": round(b * args.canvases * c / (wall / 1e3), 2), "wall_s": round(wall / 1e3, 4),
+                     "step_over_floor": round(step / floor, 3) if floor else None})
     hf = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"system": "transformers", "version": transformers.__version__, "mode": "eager", "batch": b,
-            "step_ms": round(step, 3), "tokens_per_s": round(b * args.canvases * c / (wall / 1e3), 2),
-            "wall_s": round(wall / 1e3, 4), "step_over_floor": round(step / floor, 3) if floor else None}
+    free(device)
+    return rows
 
 
 def guarded(result: dict, what: str, fn) -> None:
@@ -503,21 +524,30 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["runs"] if "step_ms" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['system'] if r['system'] != 'dgemma' else r['mode']}\nb{r['batch']}" for r in rows]
-    bars = axes[0].bar(labels, [r["step_ms"] for r in rows], color="#4c72b0")
-    axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
+    varied = [k for k in ("prompt_len", "canvas_length", "passes") if len({r.get(k) for r in rows}) > 1]
+    short = {"prompt_len": "p", "canvas_length": "c", "passes": "s"}
+
+    def label(r):
+        name = r["mode"] if r["system"] == "dgemma" else r["system"]
+        return " ".join([f"{name}\nb{r['batch']}"] + [f"{short[k]}{r[k]}" for k in varied])
+
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.5 * len(rows) + 4), 4.5))
+    bars = axes[0].bar([label(r) for r in rows], [r["step_ms"] for r in rows], color="#4c72b0")
+    axes[0].bar_label(bars, fmt="%.1f", fontsize=7)
     if result.get("floor_ms"):
-        axes[0].axhline(result["floor_ms"], color="red", ls="--", label=f"weight-streaming floor {result['floor_ms']:.1f} ms")
-        axes[0].legend()
+        axes[0].axhline(result["floor_ms"], color="red", ls="--",
+                        label=f"weight-streaming floor {result['floor_ms']:.1f} ms")
+        axes[0].legend(fontsize=8)
     axes[0].set_ylabel("ms per denoising step (pass + sampling)")
-    tps = [r for r in rows if "tokens_per_s" in r]
-    bars = axes[1].bar([labels[rows.index(r)] for r in tps], [r["tokens_per_s"] for r in tps], color="#55a868")
-    axes[1].bar_label(bars, fmt="%.0f", fontsize=8)
-    axes[1].set_ylabel(f"tokens/s at {result['settings']['passes']} passes per canvas")
+    bars = axes[1].bar([label(r) for r in rows], [r["tokens_per_s"] for r in rows], color="#55a868")
+    axes[1].bar_label(bars, fmt="%.0f", fontsize=7)
+    axes[1].set_ylabel("tokens/s at the fixed passes per canvas")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7, rotation=90 if len(rows) > 8 else 0)
     m = result["machine"]
-    fig.suptitle(f"{result['model']['source']}, prompt {result['settings']['prompt_len']}, "
-                 f"{m.get('gpu') or m.get('cpu')}", fontsize=10)
+    legend = ", ".join(f"{v}=" + k for k, v in short.items() if k in varied)
+    fig.suptitle(f"{result['model']['source']}; {m.get('gpu') or m.get('cpu')}" + (f" ({legend})" if legend else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -530,13 +560,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", metavar="DIR", help="a checkpoint directory")
     src.add_argument("--preset", default="tiny", choices=PRESETS, help="random weights of this shape (default tiny)")
     p.add_argument("--random-weights", action="store_true", help="with --preset (the default for a preset)")
-    p.add_argument("--canvas", type=positive_int, help="canvas length of a preset (default: its own)")
+    p.add_argument("--canvas", help="comma-separated canvas lengths (default: the model's own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    p.add_argument("--prompt-len", type=positive_int, default=1024)
-    p.add_argument("--passes", type=int, default=16, help="denoising passes per canvas (default 16)")
+    p.add_argument("--prompt-len", default="1024", help="comma-separated prompt lengths (default 1024)")
+    p.add_argument("--passes", default="16", help="comma-separated denoising passes per canvas (default 16)")
     p.add_argument("--canvases", type=positive_int, default=2, help="canvases per generation (default 2)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} "
                                                  "(default: eager,graph on CUDA, eager,static on the CPU)")
@@ -551,13 +581,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import CLIError
 
-    try:
-        args.batch = [int(x) for x in args.batch.split(",") if x.strip()]
-    except ValueError:
-        raise CLIError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
-    if not args.batch or min(args.batch) < 1:
-        raise CLIError("--batch needs sizes >= 1")
-    if args.passes < 2:
+    for name in ("batch", "prompt_len", "passes", "canvas"):
+        flag, text = "--" + name.replace("_", "-"), getattr(args, name)
+        if text is None:
+            continue
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise CLIError(f"{flag} needs values >= 1")
+        setattr(args, name, values)
+    if min(args.passes) < 2:
         raise CLIError("--passes must be >= 2 (the step time is a difference of 1 and --passes passes)")
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
