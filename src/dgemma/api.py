@@ -35,13 +35,18 @@ class GenerateOutput:
     stats: GenerationStats
 
 
+def is_unit_initialised(name: str) -> bool:
+    """Parameters transformers initialises to one (norm weights and router scales); the rest draw normal(0, std)."""
+    return name.endswith(("norm.weight", "router.scale", "per_expert_scale"))
+
+
 def init_weights(model: DiffusionGemmaModel, seed: int = 0) -> DiffusionGemmaModel:
     """Random weights as transformers initialises them: normal(0, initializer_range), norms and scales one."""
     g = torch.Generator().manual_seed(seed)
     std = model.config.initializer_range
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+            if is_unit_initialised(name):
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from .api import DiffusionGemma
+from .api import DiffusionGemma, is_unit_initialised
 from .config import PRESETS, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.cache import KVCache
 from .engine.static import StaticDenoiser, StaticPool
@@ -69,7 +69,7 @@ def random_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, 
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")):
+            if is_unit_initialised(name):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, config.initializer_range, generator=g)

@@ -41,14 +41,18 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The elementwise pieces, each one fused kernel when `compile_elementwise()` has run (CUDA): a decoder pass of
 # the 26B model is otherwise ~4,000 small kernels whose launches and memory round trips cost more than the
 # weight streaming itself. Eager by default: the CPU path stays bit-identical to the reference.
-KERNELS = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
+PLAIN_KERNELS = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
+KERNELS = dict(PLAIN_KERNELS)
+_COMPILED: dict = {}  # built once: a fresh torch.compile wrapper would compile every shape again
 
 
 def compile_elementwise(enable: bool = True) -> None:
     """Swap the elementwise pieces for `torch.compile`d versions (or back). Process-wide."""
-    plain = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
     if not enable:
-        KERNELS.update(plain)
+        KERNELS.update(PLAIN_KERNELS)
+        return
+    if _COMPILED:
+        KERNELS.update(_COMPILED)
         return
     import torch._dynamo
 
@@ -56,7 +60,8 @@ def compile_elementwise(enable: bool = True) -> None:
     for name in ("recompile_limit", "cache_size_limit"):  # one variant per shape: norms of several widths
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 256))
-    KERNELS.update({name: torch.compile(fn, dynamic=False) for name, fn in plain.items()})
+    _COMPILED.update({name: torch.compile(fn, dynamic=False) for name, fn in PLAIN_KERNELS.items()})
+    KERNELS.update(_COMPILED)
 
 
 class RMSNorm(nn.Module):
