@@ -12,36 +12,17 @@ from typing import Any
 
 import torch
 
-from dgemma.config import FULL, SLIDING, DiffusionGemmaConfig, TextConfig, preset
+from dgemma.config import DiffusionGemmaConfig, preset
 
 
 def bench_config() -> DiffusionGemmaConfig:
-    """A ~15.6M-parameter DiffusionGemma (15,607,200 parameters, embedding counted once): big enough that
-    matmuls dominate, small enough for a 2-core CPU. Both attention kinds (3 sliding + 1 full, as in the
-    26B model's 5:1 pattern, scaled down), GQA with different KV heads / head dims per kind, MoE top-2 of 8."""
-    text = TextConfig(
-        vocab_size=4096,
-        hidden_size=384,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        global_head_dim=128,
-        num_global_key_value_heads=1,
-        max_position_embeddings=8192,
-        sliding_window=128,
-        num_experts=8,
-        top_k_experts=2,
-        moe_intermediate_size=224,
-        layer_types=[SLIDING, SLIDING, SLIDING, FULL],
-    )
-    return DiffusionGemmaConfig(text_config=text, canvas_length=256)
+    """The CPU benchmark config (`dgemma.config.preset("bench")`, ~15.6M parameters)."""
+    return preset("bench")
 
 
 def config_for(name: str) -> DiffusionGemmaConfig:
-    """`bench` (defined here) or one of dgemma's presets (`tiny`, `26b-a4b`)."""
-    return bench_config() if name == "bench" else preset(name)
+    """One of dgemma's presets (`bench`, `tiny`, `26b-a4b`)."""
+    return preset(name)
 
 
 def cpu_model() -> str:

@@ -39,7 +39,7 @@ if has bench; then
   python3 - "$OUT/bench.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("floor_ms", r.get("floor_ms"), "fp8 floor", r.get("floor_ms_fp8"), "copy GB/s", r.get("copy_bandwidth_GBps"),
+print("floors", r.get("floors"), "fp8 bandwidth floor", r.get("bandwidth_floor_ms_fp8"), "copy GB/s", r.get("copy_bandwidth_GBps"),
       "peak GB", r.get("peak_memory_GB"))
 for row in r["runs"]:
     print({k: row.get(k) for k in ("system", "mode", "batch", "pass_ms", "step_ms", "commit_ms", "tokens_per_s",

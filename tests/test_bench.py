@@ -65,3 +65,28 @@ def test_bench_sweeps_prompt_canvas_and_passes(capsys):
 def test_bench_cli_errors(argv, message, capsys):
     assert main(["bench", "--preset", "tiny", *argv]) != 0
     assert message in capsys.readouterr().err
+
+
+def test_pass_flops_count_every_matmul_of_a_decoder_pass():
+    from dgemma.engine.cache import KVCache
+    from dgemma.floor import compute_floor, pass_flops
+
+    dg = random_model(preset("tiny"), "cpu", torch.float32)
+    m, t = dg.model, dg.model.text
+    c, prompt = dg.config.canvas_length, 20
+    cache = KVCache(t, 1, prompt + c, c, m.dtype)
+    with torch.inference_mode():
+        m.encode(torch.randint(3, 500, (1, prompt)), cache)
+    canvas = torch.randint(0, t.vocab_size, (1, c))
+    probs = torch.full((1, c, t.vocab_size), 1 / t.vocab_size)
+    h, inter, heads = t.hidden_size, t.intermediate_size, t.num_attention_heads
+    macs = t.vocab_size * h * 2 + 3 * h * inter  # LM head, soft embeddings, self-conditioning MLP
+    for i, kind in enumerate(t.layer_types):
+        d, kv = t.layer_head_dim(i), (t.num_key_value_heads if kind == "sliding_attention" else t.num_global_key_value_heads)
+        seen = min(prompt, t.sliding_window - 1) if kind == "sliding_attention" else prompt
+        proj = h * heads * d * 2 + h * kv * d * (2 if kind == "sliding_attention" else 1)  # q, o; k (and v)
+        attn = 2 * heads * (seen + c) * d  # Q K^T and P V over [cache ; canvas]
+        macs += proj + attn + 3 * h * inter + h * t.num_experts + t.top_k_experts * 3 * h * t.moe_intermediate_size
+    assert pass_flops(m, lambda: m.denoise(canvas, cache, self_cond_probs=probs)) == 2 * c * macs
+    floor = compute_floor(m, lambda: m.denoise(canvas, cache, self_cond_probs=probs), c)
+    assert floor["compute_floor_ms"] == pytest.approx(floor["pass_gflop"] / floor["gemm_gflops"] * 1e3, rel=0.05)  # rounded

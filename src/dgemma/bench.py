@@ -20,8 +20,9 @@ weights):
   pass is launch-bound, so launch gaps count in each part; `benchmarks/profile_pass.py` gives kernel times);
 - `--batch`, `--prompt-len`, `--canvas` and `--passes` take comma-separated lists: every combination is run;
 - peak memory: GPU memory allocated, or the process's peak RSS on the CPU;
-- the floor: the bytes of weights a pass must stream over the device's measured copy bandwidth (bytes read
-  plus written, as a device-to-device copy moves them); `pass_ms / floor_ms` says how close a pass gets;
+- the floor (`dgemma.floor`): the larger of the bytes of weights a pass must stream over the device's measured
+  copy bandwidth (what bounds a GPU at small batch) and the pass's FLOPs over the device's measured matmul
+  rate (what bounds a CPU); `pass_ms / floor_ms` says how close a pass gets, `floors` has both parts;
 - `--transformers`: transformers' `DiffusionGemmaForBlockDiffusion` on the *same* weight tensors (no copy), its
   step time measured the same way.
 
@@ -50,6 +51,7 @@ from .engine.cache import KVCache
 from .engine.static import StaticDenoiser, StaticPool
 from .model.model import DiffusionGemmaModel
 from .sampling import CanvasRNG
+from .floor import compute_floor, copy_bandwidth, median_ms, sync, weight_bytes
 from .sampling.step import CanvasState, denoise_update
 
 MODES = ("eager", "static", "graph", "fused", "compiled", "triton", "fp8")
@@ -132,58 +134,6 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float | None:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (None on the CPU)."""
-    if device.type != "cuda":
-        return None
-    bufs = [torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_() for _ in range(3)]
-    dst = torch.empty_like(bufs[0])
-    i = [0]
-
-    def copy():
-        dst.copy_(bufs[i[0] % 3])
-        i[0] += 1
-
-    ms = median_ms(copy, device, 10)
-    bufs.clear()
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (ms / 1e3)
-
-
-def weight_bytes(model: DiffusionGemmaModel) -> dict[str, int]:
-    """Bytes a decoder pass streams, by dtype: every parameter once (a 256-token canvas touches every expert),
-    FP8 experts counted at their FP8 size."""
-    out: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        if p.stride() and min(p.stride()) == 0:  # released (FP8 experts hold the weights)
-            continue
-        key = str(p.dtype).replace("torch.", "")
-        out[key] = out.get(key, 0) + p.numel() * p.element_size()
-    for layer in model.layers:
-        kernel = layer.experts.kernel
-        if kernel is not None and kernel.fp8:
-            out["float8_e4m3fn"] = out.get("float8_e4m3fn", 0) + kernel.gate_up.nbytes + kernel.down.nbytes
-    return out
-
-
 def fixed_passes(dg: DiffusionGemma, passes: int, canvases: int) -> GenerationConfig:
     """Exactly `passes` passes per canvas: no EOS, and a confidence threshold no random model gets under."""
     return dg.generation_config.updated(max_denoising_steps=passes, max_new_tokens=canvases * dg.config.canvas_length,
@@ -231,14 +181,14 @@ def pass_split(dg: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, repeats
             hooks(layer.experts, "experts")
     handles += hooks(model.self_conditioning, "self_conditioning")
     gen = fixed_passes(dg, 2, 1)
-    sc = torch.randn(canvas.shape[0], canvas.shape[1], model.text.vocab_size, device=device)
+    sc = torch.randn(canvas.shape[0], canvas.shape[1], model.text.vocab_size, device=device).softmax(-1)
     totals: dict[str, list[float]] = {}
     try:
         with torch.inference_mode():
             for r in range(repeats + 1):
                 marks.clear()
                 t_soft = [stamp()]
-                soft = model.soft_embeddings(sc)
+                soft = model.embed_probs(sc)
                 t_soft.append(stamp())
                 x = model.forward(canvas, cache, None, True, soft)
                 t_head = [stamp()]
@@ -321,9 +271,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["weights_bytes"] = wb
     result["copy_bandwidth_GBps"] = None if bw is None else round(bw / 1e9, 1)
     floor = None if bw is None else sum(wb.values()) / bw * 1e3
-    result["floor_ms"] = None if floor is None else round(floor, 3)
+    result["bandwidth_floor_ms"] = None if floor is None else round(floor, 3)
     log(f"weights {sum(wb.values()) / 1e9:.2f} GB, copy bandwidth {result['copy_bandwidth_GBps']} GB/s, "
-        f"floor {result['floor_ms']} ms/pass")
+        f"bandwidth floor {result['bandwidth_floor_ms']} ms/pass")
     emit(args, result)
 
     modes = [m for m in args.modes if m != "fp8"]
@@ -337,10 +287,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ids = prompt_ids(b, prompt_len, vocab)
                     canvas = torch.randint(0, vocab, (b, canvas_length), device=device)
                     tag = f"b{b} prompt {prompt_len} canvas {canvas_length}"
+                    set_experts(model, "eager")
+                    floors = pass_floor(dg, ids, canvas, floor_now)
+                    result.setdefault("floors", []).append({"batch": b, "prompt_len": prompt_len,
+                                                            "canvas_length": canvas_length, **floors})
                     for mode in modes_now:
                         def one(mode=mode):
                             set_experts(model, mode)
-                            result["runs"].extend(measure(dg, ids, canvas, mode, args, floor_now))
+                            result["runs"].extend(measure(dg, ids, canvas, mode, args, floors["floor_ms"]))
                         guarded(result, f"{mode} {tag}", one)
                         emit(args, result)
                     if not with_extras:
@@ -355,7 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         emit(args, result)
                     if args.transformers:
                         guarded(result, f"transformers {tag}", lambda: result["runs"].extend(
-                            measure_transformers(dg, ids, args, floor)))
+                            measure_transformers(dg, ids, args, floors["floor_ms"])))
                         emit(args, result)
 
     sweep(modes, floor, True)
@@ -379,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["fp8_logits_rel_error_random_weights"] = float((after - before).norm() / before.norm())
             result["weights_bytes_fp8"] = weight_bytes(model)
             fp8_floor = None if bw is None else sum(result["weights_bytes_fp8"].values()) / bw * 1e3
-            result["floor_ms_fp8"] = fp8_floor
+            result["bandwidth_floor_ms_fp8"] = fp8_floor
             cache = None
             free(device)
             sweep(["fp8"], fp8_floor, False)
@@ -391,6 +345,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["peak_rss_GB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)  # KiB on Linux
     emit(args, result)
     return result
+
+
+def pass_floor(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, bandwidth_floor: float | None) -> dict:
+    """The floor of a decoder pass at this batch, prompt and canvas: the larger of the bandwidth floor and the
+    compute floor (`dgemma.floor`)."""
+    model = dg.model
+    cache = filled_cache(dg, ids, canvas.shape[1])
+    probs = torch.full((*canvas.shape, model.text.vocab_size), 1 / model.text.vocab_size, device=dg.device)
+    floors = compute_floor(model, lambda: model.denoise(canvas, cache, self_cond_probs=probs), canvas.numel())
+    floors["bandwidth_floor_ms"] = None if bandwidth_floor is None else round(bandwidth_floor, 3)
+    floors["floor_ms"] = round(max(bandwidth_floor or 0.0, floors["compute_floor_ms"]), 3)
+    log(f"pass floor {floors}")
+    return floors
 
 
 def set_experts(model: DiffusionGemmaModel, mode: str) -> None:
@@ -419,7 +386,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     graph = mode not in ("eager", "static")
     log(f"{mode} batch {b} prompt {ids.shape[1]} canvas {c}")
     cache = filled_cache(dg, ids, c)
-    sc = torch.randn(b, c, model.text.vocab_size, device=device)
+    sc = torch.randn(b, c, model.text.vocab_size, device=device).softmax(-1)  # last pass's probabilities
     den = None
     with torch.inference_mode():
         if static:
@@ -427,7 +394,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
             den.prepare()
             pass_ms = median_ms(lambda: den(canvas, sc), device, args.repeats)
         else:
-            pass_ms = median_ms(lambda: model.denoise(canvas, cache, sc), device, args.repeats)
+            pass_ms = median_ms(lambda: model.denoise(canvas, cache, self_cond_probs=sc), device, args.repeats)
         lengths = cache.lengths.clone()
         slots = {k: v.clone() for k, v in cache.slot_pos.items()}
 
@@ -454,7 +421,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
                "passes": passes, "pass_ms": round(pass_ms, 3), "step_ms": round(step, 3),
                "commit_ms": round(commit_ms, 3), **{k: round(v, 4) for k, v in gen.items()}}
         if floor:
-            row["pass_over_floor"] = round(pass_ms / floor, 3)
+            row["floor_ms"], row["pass_over_floor"] = round(floor, 3), round(pass_ms / floor, 3)
         rows.append(row)
     dg._static = StaticPool()  # drop the captured graph and its cache
     free(device)
@@ -534,9 +501,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.5 * len(rows) + 4), 4.5))
     bars = axes[0].bar([label(r) for r in rows], [r["step_ms"] for r in rows], color="#4c72b0")
     axes[0].bar_label(bars, fmt="%.1f", fontsize=7)
-    if result.get("floor_ms"):
-        axes[0].axhline(result["floor_ms"], color="red", ls="--",
-                        label=f"weight-streaming floor {result['floor_ms']:.1f} ms")
+    floors = [r.get("floor_ms") for r in rows]
+    if any(floors):  # each bar's own floor (batch, prompt and canvas change the compute floor)
+        xs = range(len(rows))
+        axes[0].scatter(xs, [f if f else float("nan") for f in floors], color="red", marker="_", s=400, zorder=3,
+                        label="pass floor: max(weight bytes / bandwidth, FLOPs / GEMM rate)")
         axes[0].legend(fontsize=8)
     axes[0].set_ylabel("ms per denoising step (pass + sampling)")
     bars = axes[1].bar([label(r) for r in rows], [r["tokens_per_s"] for r in rows], color="#55a868")

@@ -164,7 +164,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         passes = torch.zeros(b, dtype=torch.long, device=device)
         for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
             passes += ~(state.done | finished)
-            logits = denoise(state.canvas, self_cond_logits=state.self_cond)
+            logits = denoise(state.canvas, self_cond_probs=state.self_cond)
             accepted = denoise_update(state, logits, steps_left, gen, rng)
             yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
             if bool(state.done.all()):

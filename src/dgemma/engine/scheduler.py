@@ -335,7 +335,7 @@ class Scheduler:
             return tokens, valid, None
         soft = torch.zeros((len(rows), width, self.model.text.hidden_size), dtype=self.model.dtype, device=device)
         for i in conditioned:
-            soft[i, :self.c] = self.model.soft_embeddings(rows[i].state.self_cond)[0]
+            soft[i, :self.c] = self.model.embed_probs(rows[i].state.self_cond)[0]
         return tokens, valid, soft
 
     def _admit(self) -> int:

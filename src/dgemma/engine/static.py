@@ -31,7 +31,7 @@ class StaticDenoiser:
         self.model, self.cache = model, cache
         b, c, dev = cache.batch, cache.canvas_length, cache.device
         self.canvas = torch.zeros(b, c, dtype=torch.long, device=dev)
-        self.cond_logits = torch.zeros(b, c, model.text.vocab_size, dtype=torch.float32, device=dev)
+        self.cond_probs = torch.zeros(b, c, model.text.vocab_size, dtype=torch.float32, device=dev)
         self.cond_on = torch.zeros(b, dtype=model.dtype, device=dev)
         self.positions = torch.zeros(b, c, dtype=torch.long, device=dev)
         self.masks = {kind: torch.zeros(b, 1, 1, cap + c, dtype=torch.bool, device=dev)
@@ -70,13 +70,14 @@ class StaticDenoiser:
         with torch.cuda.graph(self.graph):
             self.out = self.run()
 
-    def __call__(self, canvas: torch.Tensor, self_cond_logits: torch.Tensor | None) -> torch.Tensor:
-        """Logits [B, C, V] of one decoder pass (on CUDA a buffer that the next call overwrites)."""
+    def __call__(self, canvas: torch.Tensor, self_cond_probs: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, C, V] of one decoder pass (on CUDA a buffer that the next call overwrites), self-conditioned
+        on the previous pass's probabilities (fp32 softmax of its scaled logits; None on a first pass)."""
         self.canvas.copy_(canvas)
-        if self_cond_logits is None:
+        if self_cond_probs is None:
             self.cond_on.zero_()
         else:
-            self.cond_logits.copy_(self_cond_logits)
+            self.cond_probs.copy_(self_cond_probs)
             self.cond_on.fill_(1)
         if not self.use_graph:
             return self.run()
@@ -89,7 +90,7 @@ class StaticDenoiser:
 def _static_pass(self: StaticDenoiser) -> torch.Tensor:
     model, cache = self.model, self.cache
     b, c = self.canvas.shape
-    soft = model.soft_embeddings(self.cond_logits) * self.cond_on[:, None, None]
+    soft = model.embed_probs(self.cond_probs) * self.cond_on[:, None, None]
     x = model.self_conditioning(model.embed(self.canvas), soft)
 
     def attend(i, kind, proj, h, cos, sin):

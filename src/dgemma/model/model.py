@@ -81,13 +81,20 @@ class DiffusionGemmaModel(nn.Module):
         """Tied LM head, fp32, soft-capped."""
         logits = F.linear(hidden, self.embed_tokens.weight).float()
         cap = self.text.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        if cap is None:
+            return logits
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)  # the same ops in place: no [B, C, V] temporaries
 
     def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(hidden): the expected embedding under the previous prediction."""
+        return self.embed_probs(logits.softmax(dim=-1, dtype=torch.float32))
+
+    def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs @ E * sqrt(hidden) for probabilities [..., V] (fp32 `softmax(logits)`; the sampler already has them)."""
         w = self.embed_tokens.weight
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
-        return torch.matmul(probs, w) * self.embed_scale(w.dtype)
+        return torch.matmul(probs.to(w.dtype), w) * self.embed_scale(w.dtype)
 
     def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
         """Run every layer; `attend(layer_index, kind, proj, h, cos, sin)` is the pass's attention."""
@@ -150,16 +157,19 @@ class DiffusionGemmaModel(nn.Module):
         return self.forward(tokens, cache, valid, denoise=False)
 
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over `canvas` [B, C] reading `context` (the KV cache at inference, the encoder's
         keys/values of whole sequences in training); returns fp32 logits [B, C, V].
 
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
+        `self_cond_probs` may be given instead: their fp32 softmax, which the sampler has computed already.
         `self_cond_mask` [B] zeroes the signal for some rows (training).
         """
         soft = None
         if self_cond_logits is not None:
-            soft = self.soft_embeddings(self_cond_logits)
+            self_cond_probs = self_cond_logits.softmax(dim=-1, dtype=torch.float32)
+        if self_cond_probs is not None:
+            soft = self.embed_probs(self_cond_probs)
             if self_cond_mask is not None:
                 soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
         if isinstance(context, KVCache):

@@ -8,10 +8,14 @@ import torch
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, as `torch.distributions.Categorical` computes it."""
+    """Entropy of softmax(logits) over the last dim, as `torch.distributions.Categorical` computes it (the same
+    ops, bit for bit, with fewer temporaries)."""
     log_probs = logits - logits.logsumexp(dim=-1, keepdim=True)
     probs = torch.softmax(log_probs, dim=-1)
-    return -(log_probs.clamp(min=torch.finfo(log_probs.dtype).min) * probs).sum(-1)
+    lowest = torch.finfo(log_probs.dtype).min
+    if not bool(log_probs.amin() > lowest):  # the clamp only changes -inf (and is skipped when there is none)
+        log_probs = log_probs.clamp(min=lowest)
+    return -(log_probs.mul_(probs)).sum(-1)
 
 
 def accept_by_entropy(entropy: torch.Tensor, bound: float) -> torch.Tensor:

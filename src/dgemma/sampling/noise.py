@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .multinomial import multinomial_rows
+
 
 class CanvasRNG:
     def __init__(self, generators: list[torch.Generator | None] | None = None):
@@ -21,10 +23,15 @@ class CanvasRNG:
         return torch.stack([torch.randint(0, vocab_size, (length,), device=device, generator=g)
                             for g in self.generators])
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        """One categorical draw per position from probs [B, C, V]."""
+    def sample(self, probs: torch.Tensor, used: torch.Tensor | None = None) -> torch.Tensor:
+        """One categorical draw per position from probs [B, C, V], as `torch.multinomial` draws it.
+
+        With `used` [B, C], only those positions are computed (the others hold 0); the generators still
+        end where drawing every position leaves them, so later draws are unchanged (`multinomial_rows`).
+        """
         b, c, v = probs.shape
+        if used is None:
+            used = torch.ones(b, c, dtype=torch.bool, device=probs.device)
         if self.generators is None:
-            return torch.multinomial(probs.view(-1, v), num_samples=1).view(b, c)
-        return torch.stack([torch.multinomial(p, num_samples=1, generator=g).squeeze(-1)
-                            for p, g in zip(probs, self.generators)])
+            return multinomial_rows(probs.reshape(-1, v), used.reshape(-1)).view(b, c)
+        return torch.stack([multinomial_rows(p, u, g) for p, u, g in zip(probs, used, self.generators)])

@@ -1,8 +1,8 @@
 """One denoising update of a canvas from the decoder's logits — the sampler's policies composed.
 
-Temperature-scale the logits, sample a token everywhere (or take the argmax), accept the low-entropy
-prefix within the bound, re-noise the rest, keep fixed positions, freeze rows that already stopped,
-then test the early stop. Used by the one-request-batch loop and by the continuous-batching scheduler.
+Temperature-scale the logits, accept the low-entropy prefix within the bound, sample a token there (or
+take the argmax; the generator advances as if every position were sampled, as in the reference), re-noise
+the rest, keep fixed positions, freeze rows that already stopped, then test the early stop. Used by the one-request-batch loop and by the continuous-batching scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class CanvasState:
 
     canvas: torch.Tensor  # [B, C] tokens fed to the next decoder pass
     draft: torch.Tensor  # [B, C] argmax of the last pass (what gets committed)
-    self_cond: torch.Tensor | None  # [B, C, V] scaled logits of the last pass
+    self_cond: torch.Tensor | None  # [B, C, V] fp32 softmax of the last pass's scaled logits
     done: torch.Tensor  # [B] rows that stopped early
     stopper: StableAndConfident
     fixed: torch.Tensor | None = None  # [B, C] positions whose token is given
@@ -40,20 +40,29 @@ class CanvasState:
 
 def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, gen: GenerationConfig,
                    rng: CanvasRNG) -> torch.Tensor:
-    """Advance `state` by one pass given its logits [B, C, V]; returns the accepted mask [B, C]."""
+    """Advance `state` by one pass given its logits [B, C, V]; returns the accepted mask [B, C].
+
+    The random draws are the reference's (a categorical sample at every position, then noise tokens), but
+    the sample is only computed where it is kept: accepted positions of rows still denoising.
+    """
     b, c, vocab = logits.shape
     fixed, done = state.fixed, state.done
     scaled = logits / linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
     draft = scaled.argmax(dim=-1)
-    sampled = rng.sample(torch.softmax(scaled, dim=-1, dtype=torch.float32)) if gen.do_sample else draft
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)  # sampling, and the next pass's self-conditioning
     entropy = token_entropy(scaled)
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
+    accepted = accept_by_entropy(entropy, gen.entropy_bound)
+    if gen.do_sample:
+        used = accepted & ~done[:, None] if fixed is None else accepted & ~done[:, None] & ~fixed
+        sampled = rng.sample(probs, used)
+    else:
+        sampled = draft
+    if fixed is not None:
         sampled = torch.where(fixed, state.fixed_tokens, sampled)
         draft = torch.where(fixed, state.fixed_tokens, draft)
-    accepted = accept_by_entropy(entropy, gen.entropy_bound)
-    kept = torch.where(accepted, sampled, state.canvas)
-    canvas = torch.where(accepted, kept, rng.tokens(b, c, vocab, logits.device))
+    canvas = torch.where(accepted, sampled, rng.tokens(b, c, vocab, logits.device))
     if fixed is not None:
         canvas = torch.where(fixed, state.fixed_tokens, canvas)
         mean_entropy = entropy.sum(-1) / (~fixed).sum(-1).clamp(min=1)
@@ -62,8 +71,8 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     if done.any():  # rows that already stopped keep their state
         draft = torch.where(done[:, None], state.draft, draft)
         canvas = torch.where(done[:, None], state.canvas, canvas)
-        scaled = torch.where(done[:, None, None], state.self_cond, scaled)
+        probs = torch.where(done[:, None, None], state.self_cond, probs)
         mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
     state.done = done | state.stopper(draft, mean_entropy)
-    state.canvas, state.draft, state.self_cond = canvas, draft, scaled
+    state.canvas, state.draft, state.self_cond = canvas, draft, probs
     return accepted

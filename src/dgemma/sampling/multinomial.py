@@ -1,0 +1,106 @@
+"""`torch.multinomial(probs, 1)` for some rows only, with the generator left exactly where the full call leaves it.
+
+The canvas sampler draws a token at every canvas position and keeps it only where the entropy bound accepts
+the position (a handful per pass); the rest is re-noised. The reference draws all of them, and on the CPU
+that draw is a large part of a pass: for one sample per row `torch.multinomial` takes `argmax(p / q)` with
+`q` an Exp(1) draw per vocabulary entry, and the exponential kernel is serial — ~25 ms for a 256 x 4096
+canvas on a 2-core EPYC, about as much as all of the small model's matmuls.
+
+Here the same picks come out for the rows that are used while the rest of the draw is only skipped: CPU
+`exponential_` turns one 53-bit uniform double per element into `-log1p(-u)` (in double, then rounded to
+the tensor's dtype), in element order, and `uniform_` on a float64 tensor consumes the generator in exactly
+the same way. So the generator is advanced past unused rows with `uniform_` into a scratch buffer (a
+quarter of the cost), and the used rows get their uniforms, exponentials and `argmax(p / q)` as
+`torch.multinomial` computes them.
+
+That equivalence is a property of PyTorch's CPU kernels, not a documented contract, so it is checked on
+the first call of the process against `torch.multinomial` itself (same shape, same generator state: the
+picks of every row and the generator's state afterwards must be equal); if it does not hold, every call
+falls back to `torch.multinomial`. CUDA generators always use `torch.multinomial`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SCRATCH = 1 << 20  # doubles drawn per skip chunk (8 MiB)
+_verified: bool | None = None  # None: not checked yet in this process
+
+
+def multinomial_rows(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One categorical draw per row of `probs` [N, V], as `torch.multinomial(probs, 1, generator=...)` [N] would
+    draw it, for the rows where `rows` [N] is True; the other rows hold 0. The generator ends where the full
+    call would leave it."""
+    global _verified
+    if not _emulable(probs, generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    gen = torch.default_generator if generator is None else generator
+    if _verified is None:
+        _verified, picks = _check(probs, gen)
+        if picks is not None:
+            return picks.masked_fill(~rows, 0)
+    if not _verified:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return _draw(probs, rows, gen)
+
+
+def _emulable(probs: torch.Tensor, generator: torch.Generator | None) -> bool:
+    return (probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64) and probs.dim() == 2
+            and probs.is_contiguous() and (generator is None or generator.device.type == "cpu"))
+
+
+def _skip(gen: torch.Generator, n: int) -> None:
+    """Advance `gen` as `n` exponential (= float64 uniform) draws would."""
+    if n <= 0:
+        return
+    scratch = torch.empty(min(n, _SCRATCH), dtype=torch.float64)
+    while n > 0:
+        k = min(n, scratch.numel())
+        scratch[:k].uniform_(generator=gen)
+        n -= k
+
+
+def _draw(probs: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n, v = probs.shape
+    out = torch.zeros(n, dtype=torch.long)
+    picked = rows.nonzero().flatten().tolist()
+    # runs of consecutive used rows are drawn together
+    runs: list[list[int]] = []
+    for r in picked:
+        if runs and runs[-1][1] == r:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    done = 0
+    for start, end in runs:
+        _skip(gen, (start - done) * v)
+        p = probs[start:end]
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p.sum(-1) > 0).all()):
+            torch.multinomial(p, 1)  # raises the reference's error for invalid probabilities
+        u = torch.empty(end - start, v, dtype=torch.float64).uniform_(generator=gen)
+        q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
+        out[start:end] = torch.div(p, q).argmax(dim=-1)
+        done = end
+    _skip(gen, (n - done) * v)
+    return out
+
+
+def _check(probs: torch.Tensor, gen: torch.Generator) -> tuple[bool, torch.Tensor | None]:
+    """Draw once both ways from the same generator state; returns (equal, the reference's picks)."""
+    try:
+        state = gen.get_state()
+        ref = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        ref_state = gen.get_state()
+        gen.set_state(state)
+        mine = _draw(probs, torch.ones(probs.shape[0], dtype=torch.bool), gen)
+        same = torch.equal(mine, ref) and torch.equal(gen.get_state(), ref_state)
+        gen.set_state(ref_state)
+    except RuntimeError:  # invalid probabilities: let torch.multinomial say so, check again on the next call
+        return None, None  # type: ignore[return-value]
+    if not same:
+        log.info("torch.multinomial's CPU draw is not reproduced here; drawing every row with it")
+    return same, ref
