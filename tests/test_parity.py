@@ -73,6 +73,24 @@ def test_generate_reproduces_transformers_token_for_token(reference_checkpoint, 
         assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
 
 
+@pytest.mark.parametrize("name,variant", [("window", "random"), ("multi", "confident")])
+def test_generate_in_bfloat16_reproduces_transformers_token_for_token(reference_checkpoint, name, variant):
+    """In bf16 the reference hands self-conditioning the scaled logits rounded to bf16; so does dgemma."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path, _ = reference_checkpoint(name, variant)
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ours = dgemma.DiffusionGemma.from_pretrained(path, dtype=torch.bfloat16)
+    prompt = torch.tensor([[2] + list(range(10, 30))])
+    for seed in range(2):
+        settings = dict(max_new_tokens=40, max_denoising_steps=12, eos_token_id=1, pad_token_id=0)
+        torch.manual_seed(seed)
+        expected = ref.generate(prompt, **settings)
+        torch.manual_seed(seed)
+        got = ours.generate(input_ids=prompt, **settings)
+        assert got.sequences.tolist() == expected.sequences.tolist(), f"seed {seed}"
+
+
 def test_confident_variant_exercises_acceptance_early_stop_and_eos(reference_checkpoint):
     """The confident weights must really take the paths the parity test is meant to cover."""
     path, _ = reference_checkpoint("window", "confident")

@@ -160,7 +160,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         if first_given:
             canvas = start.tokens.to(device)
         fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
-        state = CanvasState.start(canvas, gen, fixed)
+        state = CanvasState.start(canvas, gen, fixed, model.dtype)
         passes = torch.zeros(b, dtype=torch.long, device=device)
         for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
             passes += ~(state.done | finished)

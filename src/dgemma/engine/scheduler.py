@@ -107,6 +107,7 @@ class _Row:
         gen = request.gen
         self.request, self.on_event, self.submitted = request, on_event, submitted
         self.c, self.vocab, self.device = model.config.canvas_length, model.text.vocab_size, model.device
+        self.dtype = model.dtype
         self.n_canvases = math.ceil(gen.max_new_tokens / self.c)
         self.pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
         self.eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=self.device)
@@ -129,7 +130,7 @@ class _Row:
         if start is not None:
             canvas = start.tokens.to(self.device)
             fixed = start.fixed.to(self.device) if start.fixed is not None else None
-        self.state = CanvasState.start(canvas, self.request.gen, fixed)
+        self.state = CanvasState.start(canvas, self.request.gen, fixed, self.dtype)
         self.pending, self.step, self.passes = None, 0, 0
 
     def denoised(self, logits: torch.Tensor) -> None:
