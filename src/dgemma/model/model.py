@@ -85,7 +85,10 @@ class DiffusionGemmaModel(nn.Module):
             return logits
         if torch.is_grad_enabled() and logits.requires_grad:
             return torch.tanh(logits / cap) * cap
-        return logits.div_(cap).tanh_().mul_(cap)  # the same ops in place: no [B, C, V] temporaries
+        # the same ops in place, on the CPU a block of positions at a time so that each block stays in cache
+        for block in (logits.view(-1, logits.shape[-1]).split(64) if not logits.is_cuda else (logits,)):
+            block.div_(cap).tanh_().mul_(cap)
+        return logits
 
     def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """softmax(logits) @ E * sqrt(hidden): the expected embedding under the previous prediction."""

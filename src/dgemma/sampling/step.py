@@ -40,6 +40,43 @@ class CanvasState:
                    fixed if has_fixed else None, canvas if has_fixed else None, cond_dtype)
 
 
+def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vocabulary-wide work of a step, per canvas position: argmax [B, C], probabilities [B, C, V] and
+    entropy [B, C] of the temperature-scaled logits, and the next pass's self-conditioning input (the same
+    probabilities, or in a bf16/fp16 model those of the logits rounded to its dtype, as the reference hands
+    them over).
+
+    On the CPU a block of positions at a time: a block's [positions, V] temporaries stay in the core's cache,
+    which makes this 2-3x faster than whole-canvas ops (a 256 x 4096 fp32 canvas is 4 MiB per temporary) with
+    the same bits, every op being per position."""
+    b, c, v = logits.shape
+    flat = logits.reshape(-1, v)
+    n = flat.shape[0]
+    block = n if flat.is_cuda else _BLOCK
+    if block >= n:
+        scaled = flat / temperature
+        draft, probs, entropy = scaled.argmax(dim=-1), torch.softmax(scaled, -1, dtype=torch.float32), \
+            token_entropy(scaled)
+        cond = probs if cond_dtype == torch.float32 else torch.softmax(scaled.to(cond_dtype), -1, dtype=torch.float32)
+    else:
+        draft = torch.empty(n, dtype=torch.long, device=flat.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=flat.device)
+        probs = torch.empty(n, v, dtype=torch.float32, device=flat.device)
+        cond = probs if cond_dtype == torch.float32 else torch.empty_like(probs)
+        for i in range(0, n, block):
+            scaled = flat[i:i + block] / temperature
+            draft[i:i + block] = scaled.argmax(dim=-1)
+            probs[i:i + block] = torch.softmax(scaled, -1, dtype=torch.float32)
+            entropy[i:i + block] = token_entropy(scaled)
+            if cond is not probs:
+                cond[i:i + block] = torch.softmax(scaled.to(cond_dtype), -1, dtype=torch.float32)
+    return draft.view(b, c), probs.view(b, c, v), entropy.view(b, c), cond.view(b, c, v)
+
+
+_BLOCK = 64  # positions per block on the CPU (fastest of 32..256 on a 2-core EPYC with 512 KiB L2 per core)
+
+
 def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, gen: GenerationConfig,
                    rng: CanvasRNG) -> torch.Tensor:
     """Advance `state` by one pass given its logits [B, C, V]; returns the accepted mask [B, C].
@@ -49,10 +86,8 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     """
     b, c, vocab = logits.shape
     fixed, done = state.fixed, state.done
-    scaled = logits / linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
-    draft = scaled.argmax(dim=-1)
-    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-    entropy = token_entropy(scaled)
+    temperature = linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
+    draft, probs, entropy, cond = per_position(logits, temperature, state.cond_dtype)
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
     accepted = accept_by_entropy(entropy, gen.entropy_bound)
@@ -70,9 +105,6 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
         mean_entropy = entropy.sum(-1) / (~fixed).sum(-1).clamp(min=1)
     else:
         mean_entropy = entropy.mean(dim=-1)
-    # the next pass's self-conditioning input: the reference hands it the scaled logits in the model's dtype
-    cond = probs if state.cond_dtype == torch.float32 else \
-        torch.softmax(scaled.to(state.cond_dtype), dim=-1, dtype=torch.float32)
     if done.any():  # rows that already stopped keep their state
         draft = torch.where(done[:, None], state.draft, draft)
         canvas = torch.where(done[:, None], state.canvas, canvas)
