@@ -5,7 +5,7 @@
   device-to-device copy moves them). What bounds a GPU at small batch.
 - compute: the pass's floating-point operations (counted by torch's `FlopCounterMode` on a real pass, with
   formulas added for the grouped expert GEMM and CPU flash attention, which it does not count) over the
-  device's measured matmul rate at the pass's largest GEMM shape (the LM head). What bounds a CPU, where a
+  device's best measured matmul rate at the pass's own GEMM shapes. What bounds a CPU, where a
   256-token canvas is compute-bound: everything else in the pass (sampling, norms, attention softmax) is
   extra time on top of it.
 """
@@ -107,10 +107,12 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) 
 
 
 def compute_floor(model: DiffusionGemmaModel, run, tokens: int) -> dict[str, float]:
-    """`pass_gflop` of `run()` (one decoder pass over `tokens` canvas positions), the device's `gemm_gflops` at
-    the LM head's shape, and their quotient `compute_floor_ms`."""
+    """`pass_gflop` of `run()` (one decoder pass over `tokens` canvas positions), the device's best `gemm_gflops`
+    at the pass's own GEMM shapes (the LM head and the dense MLP, over all its rows or one canvas of 256), and
+    their quotient `compute_floor_ms`."""
     flops = pass_flops(model, run)
     t = model.text
-    rate = gemm_rate(model.device, model.dtype, tokens, t.hidden_size, t.vocab_size)
+    rate = max(gemm_rate(model.device, model.dtype, m, t.hidden_size, n)
+               for m in sorted({tokens, min(tokens, 256)}) for n in (t.vocab_size, t.intermediate_size))
     return {"pass_gflop": round(flops / 1e9, 3), "gemm_gflops": round(rate / 1e9, 1),
             "compute_floor_ms": round(flops / rate * 1e3, 3)}
