@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
-from .model.model import DiffusionGemmaModel
+from ..model.model import DiffusionGemmaModel
 
 
 def sync(device: torch.device) -> None:

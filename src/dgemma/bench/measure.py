@@ -1,35 +1,5 @@
-"""`dgemma bench`: the time of one denoising pass and of whole canvases, against the hardware's floor.
-
-    dgemma bench --preset 26b-a4b --device cuda --dtype bfloat16 --batch 1,4 --prompt-len 1024 --transformers
-    dgemma bench --model models/dgemma-code-tiny --batch 1,8            # CPU, the shipped model
-
-What it measures, per batch size and execution mode (`eager`: the plain PyTorch pass; `static`: fixed shapes
-over every cache slot; `graph`: that pass captured as a CUDA graph; `fused`: graph with the elementwise pieces
-(norms, RoPE, gated GELU) compiled into fused kernels; `compiled`: graph of the whole pass through
-torch.compile; `triton`: graph with the Triton expert kernel; `fp8`: fused, with that kernel on FP8 expert
-weights):
-
-- `pass_ms`: one decoder pass over a canvas after a `--prompt-len` prompt (median of `--repeats`);
-- `step_ms`: a whole denoising step as generation runs it (pass + temperature, sampling, acceptance,
-  re-noising, early-stop test), from one-canvas generations of 1 and `--passes` steps;
-- `commit_ms`: the encoder pass that commits a canvas to the cache;
-- `tokens_per_s`, `first_canvas_s`: `--canvases` canvases at exactly `--passes` passes each (random weights
-  never stop early; `passes_per_canvas` shows it), prompt encoding included;
-- the per-pass split (`--split`; eager, first batch size): attention (with norms and residuals), dense MLP,
-  router + experts, self-conditioning, LM head + sampling, from events around the modules (on a GPU an eager
-  pass is launch-bound, so launch gaps count in each part; `benchmarks/profile_pass.py` gives kernel times);
-- `--batch`, `--prompt-len`, `--canvas` and `--passes` take comma-separated lists: every combination is run;
-- peak memory: GPU memory allocated, or the process's peak RSS on the CPU;
-- the floor (`dgemma.floor`): the larger of the bytes of weights a pass must stream over the device's measured
-  copy bandwidth (what bounds a GPU at small batch) and the pass's FLOPs over the device's measured matmul
-  rate (what bounds a CPU); `pass_ms / floor_ms` says how close a pass gets, `floors` has both parts;
-- `--transformers`: transformers' `DiffusionGemmaForBlockDiffusion` on the *same* weight tensors (no copy), its
-  step time measured the same way.
-
-A preset is built directly on the device with random weights (`normal(0, initializer_range)`, norms one): the
-full 26B-A4B shape needs no checkpoint and no host memory. JSON goes to stdout (`--out DIR` also writes
-`bench.json` and `bench.png`).
-"""
+"""What `dgemma bench` measures: pass, step, commit and generation times per batch, prompt, canvas and mode,
+transformers on the same tensors, the per-part split, each against the pass's floor."""
 
 from __future__ import annotations
 
@@ -45,14 +15,15 @@ from typing import Any
 
 import torch
 
-from .api import DiffusionGemma, is_unit_initialised
-from .config import PRESETS, DiffusionGemmaConfig, GenerationConfig, preset
-from .engine.cache import KVCache
-from .engine.static import StaticDenoiser, StaticPool
-from .model.model import DiffusionGemmaModel
-from .sampling import CanvasRNG
+from ..api import DiffusionGemma
+from ..config import GenerationConfig, preset
+from ..engine.cache import KVCache
+from ..engine.static import StaticDenoiser, StaticPool
+from ..model.model import DiffusionGemmaModel
+from ..sampling import CanvasRNG
+from ..sampling.step import CanvasState, denoise_update
 from .floor import compute_floor, copy_bandwidth, median_ms, sync, weight_bytes
-from .sampling.step import CanvasState, denoise_update
+from .models import random_model, transformers_sharing
 
 MODES = ("eager", "static", "graph", "fused", "compiled", "triton", "fp8")
 
@@ -61,72 +32,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# -- building -------------------------------------------------------------------------------------------------
-def random_model(config: DiffusionGemmaConfig, device: str, dtype: torch.dtype, seed: int = 0) -> DiffusionGemma:
-    """Random weights built directly on `device` in `dtype` (no host copy): normal(0, initializer_range),
-    norms and scales one. For timing; the values differ from `DiffusionGemma.from_config`'s CPU draw."""
-    with torch.device("meta"):
-        model = DiffusionGemmaModel(config)
-    model = model.to(dtype).to_empty(device=device)  # allocate in the target dtype only
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_unit_initialised(name):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, config.initializer_range, generator=g)
-        for name, b in model.named_buffers():
-            if name.endswith("layer_scalar"):
-                b.fill_(1.0)
-    model.init_rope()
-    model.requires_grad_(False).eval()
-    return DiffusionGemma(model, GenerationConfig.for_model(config), None)
-
-
-def transformers_sharing(dg: DiffusionGemma):
-    """transformers' DiffusionGemmaForBlockDiffusion over the very tensors of `dg` (built on the meta device,
-    the weights assigned, not copied; the vision tower, unused for text, is left unallocated)."""
-    import tempfile
-
-    import transformers
-    from transformers import AutoConfig, DiffusionGemmaForBlockDiffusion
-    from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hfm
-
-    from .model.weights import hf_sources
-
-    transformers.logging.set_verbosity_error()
-    device, dtype = dg.device, dg.model.dtype
-    with tempfile.TemporaryDirectory() as d:
-        dg.config.save(d)
-        cfg = AutoConfig.from_pretrained(d)
-    cfg.dtype = dtype
-    with torch.device("meta"):
-        hf = DiffusionGemmaForBlockDiffusion(cfg)
-    sources: dict[str, torch.Tensor] = {}
-    for name, t in dg.model.state_dict().items():
-        for src in hf_sources(name):
-            sources.setdefault(src, t)
-    sources.setdefault("lm_head.weight", dg.model.embed_tokens.weight)
-    wanted = hf.state_dict().keys()
-    hf.load_state_dict({k: sources[k] for k in wanted if k in sources}, strict=False, assign=True)
-    missing = [k for k in wanted if k not in sources and "vision" not in k]
-    if missing:
-        raise RuntimeError(f"no dgemma tensor for transformers parameters {missing[:5]}")
-    text_cfg = cfg.text_config if hasattr(cfg, "text_config") else cfg
-    for name, mod in list(hf.named_modules()):
-        if isinstance(mod, hfm.DiffusionGemmaTextRotaryEmbedding):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(hf.get_submodule(parent_name), attr, hfm.DiffusionGemmaTextRotaryEmbedding(text_cfg, device=device))
-        if name.endswith("embed_tokens") and hasattr(mod, "embed_scale"):
-            mod.embed_scale = torch.tensor(text_cfg.hidden_size ** 0.5, dtype=dtype, device=device)
-    for name, mod in hf.named_modules():  # the unused vision tower: anything left on meta gets empty storage
-        if "vision" in name and any(p.is_meta for p in mod.parameters(recurse=False)):
-            mod.to_empty(device=device, recurse=False)
-    hf.eval()
-    return hf
-
-
-# -- measuring -----------------------------------------------------------------------------------------------
 def free(device: torch.device) -> None:
     """Release what dropped objects held (a captured graph's private pool goes only when the graph is freed)."""
     gc.collect()
@@ -349,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def pass_floor(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, bandwidth_floor: float | None) -> dict:
     """The floor of a decoder pass at this batch, prompt and canvas: the larger of the bandwidth floor and the
-    compute floor (`dgemma.floor`)."""
+    compute floor (`dgemma.bench.floor`)."""
     model = dg.model
     cache = filled_cache(dg, ids, canvas.shape[1])
     probs = torch.full((*canvas.shape, model.text.vocab_size), 1 / model.text.vocab_size, device=dg.device)
@@ -363,8 +268,8 @@ def pass_floor(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, band
 def set_experts(model: DiffusionGemmaModel, mode: str) -> None:
     """`triton`: the Triton expert kernel (bf16); `fp8`: the same with FP8 weights (for good: frees the bf16
     experts); otherwise torch's grouped_mm."""
-    from .model.layers import compile_elementwise
-    from .model.moe_kernel import use_triton_experts
+    from ..model.layers import compile_elementwise
+    from ..model.moe_kernel import use_triton_experts
 
     compile_elementwise(mode in ("fused", "fp8"))
     current = model.layers[0].experts.kernel
@@ -483,104 +388,3 @@ def emit(args, result: dict) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(result, indent=2))
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["runs"] if "step_ms" in r]
-    varied = [k for k in ("prompt_len", "canvas_length", "passes") if len({r.get(k) for r in rows}) > 1]
-    short = {"prompt_len": "p", "canvas_length": "c", "passes": "s"}
-
-    def label(r):
-        name = r["mode"] if r["system"] == "dgemma" else r["system"]
-        return " ".join([f"{name}\nb{r['batch']}"] + [f"{short[k]}{r[k]}" for k in varied])
-
-    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.5 * len(rows) + 4), 4.5))
-    bars = axes[0].bar([label(r) for r in rows], [r["step_ms"] for r in rows], color="#4c72b0")
-    axes[0].bar_label(bars, fmt="%.1f", fontsize=7)
-    floors = [r.get("floor_ms") for r in rows]
-    if any(floors):  # each bar's own floor (batch, prompt and canvas change the compute floor)
-        xs = range(len(rows))
-        axes[0].scatter(xs, [f if f else float("nan") for f in floors], color="red", marker="_", s=400, zorder=3,
-                        label="pass floor: max(weight bytes / bandwidth, FLOPs / GEMM rate)")
-        axes[0].legend(fontsize=8)
-    axes[0].set_ylabel("ms per denoising step (pass + sampling)")
-    bars = axes[1].bar([label(r) for r in rows], [r["tokens_per_s"] for r in rows], color="#55a868")
-    axes[1].bar_label(bars, fmt="%.0f", fontsize=7)
-    axes[1].set_ylabel("tokens/s at the fixed passes per canvas")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7, rotation=90 if len(rows) > 8 else 0)
-    m = result["machine"]
-    legend = ", ".join(f"{v}=" + k for k, v in short.items() if k in varied)
-    fig.suptitle(f"{result['model']['source']}; {m.get('gpu') or m.get('cpu')}" + (f" ({legend})" if legend else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time denoising passes and canvases against the hardware floor",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .cli import int_at_least_1 as positive_int
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="a checkpoint directory")
-    src.add_argument("--preset", default="tiny", choices=PRESETS, help="random weights of this shape (default tiny)")
-    p.add_argument("--random-weights", action="store_true", help="with --preset (the default for a preset)")
-    p.add_argument("--canvas", help="comma-separated canvas lengths (default: the model's own)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    p.add_argument("--prompt-len", default="1024", help="comma-separated prompt lengths (default 1024)")
-    p.add_argument("--passes", default="16", help="comma-separated denoising passes per canvas (default 16)")
-    p.add_argument("--canvases", type=positive_int, default=2, help="canvases per generation (default 2)")
-    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} "
-                                                 "(default: eager,graph on CUDA, eager,static on the CPU)")
-    p.add_argument("--split", action="store_true", help="also the per-part split of an eager pass")
-    p.add_argument("--transformers", action="store_true", help="also transformers on the same weights")
-    p.add_argument("--repeats", type=positive_int, default=6)
-    p.add_argument("--threads", type=positive_int)
-    p.add_argument("--out", metavar="DIR", help="write bench.json and bench.png here")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import CLIError
-
-    for name in ("batch", "prompt_len", "passes", "canvas"):
-        flag, text = "--" + name.replace("_", "-"), getattr(args, name)
-        if text is None:
-            continue
-        try:
-            values = [int(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise CLIError(f"{flag} needs values >= 1")
-        setattr(args, name, values)
-    if min(args.passes) < 2:
-        raise CLIError("--passes must be >= 2 (the step time is a difference of 1 and --passes passes)")
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available here")
-    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.modes = (args.modes or ("eager,graph" if cuda else "eager,static")).split(",")
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        raise CLIError(f"unknown --modes {bad}; choose from {', '.join(MODES)}")
-    if not cuda and set(args.modes) - {"eager", "static"}:
-        raise CLIError("--modes other than eager and static need a CUDA device")
-    if args.model:
-        args.preset = None
-    result = run(args)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        try:
-            plot(result, Path(args.out) / "bench.png")
-        except ImportError:
-            log("matplotlib is not installed: no plot")
-    return 0 if not result["errors"] else 1
-
