@@ -33,7 +33,7 @@ def main():
         den = StaticDenoiser(dg.model, cache, graph=False)
         den.prepare()
         canvas = torch.randint(0, vocab, (b, c), device="cuda")
-        sc = torch.randn(b, c, vocab, device="cuda")
+        sc = torch.randn(b, c, vocab, device="cuda").softmax(-1)  # the last pass's probabilities
         with torch.inference_mode():
             for _ in range(2):
                 den(canvas, sc)

@@ -45,7 +45,7 @@ def passes(dg: DiffusionGemma, static: bool, graph: bool = False, seed: int = 0)
             for sc in (None, cond):
                 if den is not None:
                     den.prepare()
-                    out.append(den(canvas, sc).clone())
+                    out.append(den(canvas, None if sc is None else sc.softmax(-1)).clone())  # takes probabilities
                 else:
                     out.append(model.denoise(canvas, cache, sc))
             model.encode(canvas, cache)
