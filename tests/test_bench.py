@@ -45,6 +45,15 @@ def test_bench_cli_reports_every_mode_with_fixed_passes(tmp_path, capsys):
     assert json.loads((tmp_path / "bench.json").read_text())["runs"] == result["runs"]
 
 
+def test_bench_times_the_ar_mode_for_the_same_number_of_tokens(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--modes", "eager", "--prompt-len", "8", "--passes",
+                 "2", "--canvases", "2", "--repeats", "1", "--ar", "--out", str(tmp_path)]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    ar = [r for r in runs if r["system"] == "dgemma_ar"]
+    assert len(ar) == 1 and ar[0]["new_tokens"] == 2 * 32 and ar[0]["tokens_per_s"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
 def test_bench_sweeps_prompt_canvas_and_passes(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--modes", "eager", "--prompt-len", "8,20",
                  "--canvas", "16,32", "--passes", "2,3", "--canvases", "1", "--repeats", "1"]) == 0

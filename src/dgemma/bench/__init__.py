@@ -24,7 +24,8 @@ weights):
   copy bandwidth (what bounds a GPU at small batch) and the pass's FLOPs over the device's measured matmul
   rate (what bounds a CPU); `pass_ms / floor_ms` says how close a pass gets, `floors` has both parts;
 - `--transformers`: transformers' `DiffusionGemmaForBlockDiffusion` on the *same* weight tensors (no copy), its
-  step time measured the same way.
+  step time measured the same way;
+- `--ar`: dgemma's autoregressive mode on the same weights (greedy, KV cache), for as many tokens.
 
 A preset is built directly on the device with random weights (`normal(0, initializer_range)`, norms one): the
 full 26B-A4B shape needs no checkpoint and no host memory. JSON goes to stdout (`--out DIR` also writes

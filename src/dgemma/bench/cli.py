@@ -18,14 +18,15 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["runs"] if "step_ms" in r]
+    all_rows = [r for r in result["runs"] if "tokens_per_s" in r]  # with the AR rows
     varied = [k for k in ("prompt_len", "canvas_length", "passes") if len({r.get(k) for r in rows}) > 1]
     short = {"prompt_len": "p", "canvas_length": "c", "passes": "s"}
 
     def label(r):
         name = r["mode"] if r["system"] == "dgemma" else r["system"]
-        return " ".join([f"{name}\nb{r['batch']}"] + [f"{short[k]}{r[k]}" for k in varied])
+        return " ".join([f"{name}\nb{r['batch']}"] + [f"{short[k]}{r[k]}" for k in varied if k in r])
 
-    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.5 * len(rows) + 4), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 0.5 * len(all_rows) + 4), 4.5))
     bars = axes[0].bar([label(r) for r in rows], [r["step_ms"] for r in rows], color="#4c72b0")
     axes[0].bar_label(bars, fmt="%.1f", fontsize=7)
     floors = [r.get("floor_ms") for r in rows]
@@ -35,11 +36,11 @@ def plot(result: dict, path: Path) -> None:
                         label="pass floor: max(weight bytes / bandwidth, FLOPs / GEMM rate)")
         axes[0].legend(fontsize=8)
     axes[0].set_ylabel("ms per denoising step (pass + sampling)")
-    bars = axes[1].bar([label(r) for r in rows], [r["tokens_per_s"] for r in rows], color="#55a868")
+    bars = axes[1].bar([label(r) for r in all_rows], [r["tokens_per_s"] for r in all_rows], color="#55a868")
     axes[1].bar_label(bars, fmt="%.0f", fontsize=7)
-    axes[1].set_ylabel("tokens/s at the fixed passes per canvas")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7, rotation=90 if len(rows) > 8 else 0)
+    axes[1].set_ylabel("tokens/s at the fixed passes per canvas (AR: one token per pass)")
+    for ax, n in zip(axes, (len(rows), len(all_rows))):
+        ax.tick_params(axis="x", labelsize=7, rotation=90 if n > 8 else 0)
     m = result["machine"]
     legend = ", ".join(f"{v}=" + k for k, v in short.items() if k in varied)
     fig.suptitle(f"{result['model']['source']}; {m.get('gpu') or m.get('cpu')}" + (f" ({legend})" if legend else ""),
@@ -68,6 +69,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                                  "(default: eager,graph on CUDA, eager,static on the CPU)")
     p.add_argument("--split", action="store_true", help="also the per-part split of an eager pass")
     p.add_argument("--transformers", action="store_true", help="also transformers on the same weights")
+    p.add_argument("--ar", action="store_true", help="also dgemma's autoregressive mode on the same weights, for the "
+                                                      "same number of tokens")
     p.add_argument("--repeats", type=positive_int, default=6)
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--out", metavar="DIR", help="write bench.json and bench.png here")

@@ -216,6 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         guarded(result, f"transformers {tag}", lambda: result["runs"].extend(
                             measure_transformers(dg, ids, args, floors["floor_ms"])))
                         emit(args, result)
+                    if args.ar:
+                        guarded(result, f"ar {tag}", lambda: result["runs"].append(measure_ar(dg, ids, args)))
+                        emit(args, result)
 
     sweep(modes, floor, True)
     if "fp8" in args.modes:
@@ -358,6 +361,20 @@ def measure_transformers(dg: DiffusionGemma, ids: torch.Tensor, args, floor) -> 
     hf = None
     free(device)
     return rows
+
+
+def measure_ar(dg: DiffusionGemma, ids: torch.Tensor, args) -> dict:
+    """dgemma's autoregressive mode on the same weights (greedy, one token per encoder pass, KV cache) for as
+    many tokens as the diffusion rows generate: `--canvases` canvases."""
+    device, c = dg.device, dg.config.canvas_length
+    b, n = ids.shape[0], args.canvases * c
+    log(f"dgemma AR batch {b}")
+    dev_ids = ids.to(device)
+    wall = median_ms(lambda: dg.generate_ar(dev_ids, max_new_tokens=n, eos_token_id=[]), device,
+                     max(1, args.repeats // 3), warmup=1)
+    return {"system": "dgemma_ar", "mode": "eager", "batch": b, "prompt_len": ids.shape[1], "canvas_length": c,
+            "new_tokens": b * n, "tokens_per_s": round(b * n / (wall / 1e3), 2), "wall_s": round(wall / 1e3, 4),
+            "ms_per_token_step": round(wall / n, 3)}
 
 
 def guarded(result: dict, what: str, fn) -> None:
