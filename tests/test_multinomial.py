@@ -87,3 +87,14 @@ def test_canvas_rng_samples_only_used_positions_per_row_generator(fresh):
     for p, g in zip(probs, after):
         torch.multinomial(p, 1, generator=g)
     assert all(torch.equal(a.get_state(), g.get_state()) for a, g in zip(after, gens))
+
+
+def test_generate_on_the_cpu_takes_the_emulated_draw(fresh):
+    """The fast path is really in use (a build where the check failed would silently draw everything)."""
+    import dgemma
+    from dgemma.config import preset
+
+    model = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0)
+    torch.manual_seed(0)
+    model.generate(input_ids=torch.tensor([[2, 5, 6]]), max_new_tokens=32, max_denoising_steps=4)
+    assert mn._verified is True
