@@ -38,7 +38,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].set_ylabel("ms per denoising step (pass + sampling)")
     bars = axes[1].bar([label(r) for r in all_rows], [r["tokens_per_s"] for r in all_rows], color="#55a868")
     axes[1].bar_label(bars, fmt="%.0f", fontsize=7)
-    axes[1].set_ylabel("tokens/s at the fixed passes per canvas (AR: one token per pass)")
+    axes[1].set_ylabel("tokens/s (fixed passes; AR: 1 token/pass)")
     for ax, n in zip(axes, (len(rows), len(all_rows))):
         ax.tick_params(axis="x", labelsize=7, rotation=90 if n > 8 else 0)
     m = result["machine"]
