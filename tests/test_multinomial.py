@@ -12,7 +12,7 @@ from dgemma.sampling import multinomial as mn
 @pytest.fixture
 def fresh(monkeypatch):
     """Each test starts unchecked, so the first call checks the emulation again."""
-    monkeypatch.setattr(mn, "_verified", None)
+    monkeypatch.setattr(mn, "_verified", {})
 
 
 def _probs(n, v, seed):
@@ -35,7 +35,7 @@ def test_used_rows_and_generator_state_equal_torch_multinomial(fresh, n, v, used
         assert torch.equal(got[rows], want[rows])
         assert torch.equal(got[~rows], torch.zeros_like(got[~rows]))
         assert torch.equal(torch.rand(5, generator=g), want_next)
-    assert mn._verified is True
+    assert mn._verified[torch.float32] is True
 
 
 def test_global_generator_is_advanced_as_by_torch_multinomial(fresh):
@@ -60,7 +60,7 @@ def test_falls_back_to_torch_multinomial_when_the_check_fails(fresh, monkeypatch
     for _ in range(2):
         g.manual_seed(3)
         assert torch.equal(mn.multinomial_rows(probs, rows, g), want)
-    assert mn._verified is False
+    assert mn._verified[torch.float32] is False
 
 
 def test_invalid_probabilities_raise_torchs_error(fresh):
@@ -70,7 +70,7 @@ def test_invalid_probabilities_raise_torchs_error(fresh):
         with pytest.raises(RuntimeError, match="probability tensor contains"):
             mn.multinomial_rows(bad, rows)
     mn.multinomial_rows(_probs(2, 2, 0), rows)
-    assert mn._verified is True
+    assert mn._verified[torch.float32] is True
     with pytest.raises(RuntimeError, match="probability tensor contains"):
         mn.multinomial_rows(bad, rows)
 
@@ -97,4 +97,17 @@ def test_generate_on_the_cpu_takes_the_emulated_draw(fresh):
     model = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0)
     torch.manual_seed(0)
     model.generate(input_ids=torch.tensor([[2, 5, 6]]), max_new_tokens=32, max_denoising_steps=4)
-    assert mn._verified is True
+    assert mn._verified[torch.float32] is True
+
+
+def test_float64_probabilities_are_checked_and_drawn_on_their_own(fresh):
+    probs = _probs(40, 300, 7).double()
+    rows = torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.4
+    for call in range(2):
+        g = torch.Generator().manual_seed(call)
+        want = torch.multinomial(probs, 1, generator=g).squeeze(1)
+        state = g.get_state()
+        g.manual_seed(call)
+        got = mn.multinomial_rows(probs, rows, g)
+        assert torch.equal(got[rows], want[rows]) and torch.equal(g.get_state(), state)
+    assert mn._verified == {torch.float64: True}

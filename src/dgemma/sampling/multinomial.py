@@ -14,7 +14,7 @@ quarter of the cost), and the used rows get their uniforms, exponentials and `ar
 `torch.multinomial` computes them.
 
 That equivalence is a property of PyTorch's CPU kernels, not a documented contract, so it is checked on
-the first call of the process against `torch.multinomial` itself (same shape, same generator state: the
+the first call of the process (per dtype) against `torch.multinomial` itself (same shape, same generator state: the
 picks of every row and the generator's state afterwards must be equal); if it does not hold, every call
 falls back to `torch.multinomial`. CUDA generators always use `torch.multinomial`.
 """
@@ -28,22 +28,22 @@ import torch
 log = logging.getLogger(__name__)
 
 _SCRATCH = 1 << 17  # doubles drawn per skip chunk (1 MiB: a larger fresh buffer costs more in page faults)
-_verified: bool | None = None  # None: not checked yet in this process
+_verified: dict[torch.dtype, bool] = {}  # per probability dtype; absent: not checked yet in this process
 
 
 def multinomial_rows(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One categorical draw per row of `probs` [N, V], as `torch.multinomial(probs, 1, generator=...)` [N] would
     draw it, for the rows where `rows` [N] is True; the other rows hold 0. The generator ends where the full
     call would leave it."""
-    global _verified
     if not _emulable(probs, generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     gen = torch.default_generator if generator is None else generator
-    if _verified is None:
-        _verified, picks = _check(probs, gen)
+    if probs.dtype not in _verified:
+        same, picks = _check(probs, gen)
         if picks is not None:
+            _verified[probs.dtype] = same
             return picks.masked_fill(~rows, 0)
-    if not _verified:
+    if not _verified.get(probs.dtype, False):
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return _draw(probs, rows, gen)
 
@@ -90,7 +90,8 @@ def _draw(probs: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torc
 
 
 def _check(probs: torch.Tensor, gen: torch.Generator) -> tuple[bool, torch.Tensor | None]:
-    """Draw once both ways from the same generator state; returns (equal, the reference's picks)."""
+    """Draw once both ways from the same generator state; returns (equal, the reference's picks), or
+    (False, None) for probabilities torch.multinomial rejects (checked again on the next call)."""
     try:
         state = gen.get_state()
         ref = torch.multinomial(probs, 1, generator=gen).squeeze(1)
@@ -100,7 +101,7 @@ def _check(probs: torch.Tensor, gen: torch.Generator) -> tuple[bool, torch.Tenso
         same = torch.equal(mine, ref) and torch.equal(gen.get_state(), ref_state)
         gen.set_state(ref_state)
     except RuntimeError:  # invalid probabilities: let torch.multinomial say so, check again on the next call
-        return None, None  # type: ignore[return-value]
+        return False, None
     if not same:
         log.info("torch.multinomial's CPU draw is not reproduced here; drawing every row with it")
     return same, ref
