@@ -4,7 +4,7 @@
 #   moe      the expert-kernel micro-benchmark (benchmarks/moe_kernel.py --sweep)
 #   profile  the kernels of one denoising pass (benchmarks/profile_pass.py)
 #   bench    `dgemma bench` on the full 26B-A4B shape, random bf16 weights built on the GPU, transformers on
-#            the same tensors
+#            the same tensors (AR=--ar adds the same weights' AR mode: several minutes more)
 #   compiled the same for the whole pass through torch.compile (batch 1)
 #   train    the shipped model's recipe with infilling + the AR baseline, then `dgemma eval` of both
 #   suite    the whole test suite
@@ -34,7 +34,7 @@ fi
 if has bench; then
   timeout "${BENCH_S:-420}" python3 -m dgemma bench --preset 26b-a4b --device cuda --batch "${BATCH:-1,4}" \
     --prompt-len 1024 --passes 16 --canvases 2 --modes "${MODES:-eager,graph,fused,fp8}" --split \
-    ${TRANSFORMERS---transformers} --repeats 6 --out "$OUT" > /dev/null 2> "$OUT/bench.log"
+    ${TRANSFORMERS---transformers} ${AR-} --repeats 6 --out "$OUT" > /dev/null 2> "$OUT/bench.log"
   tail -n 12 "$OUT/bench.log"
   python3 - "$OUT/bench.json" <<'PY'
 import json, sys
