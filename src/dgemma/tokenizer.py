@@ -287,7 +287,8 @@ class IncrementalDetokenizer:
 # Gemma 4 control tokens at their real ids; a byte tokenizer keeps them there so prompts render alike.
 # `<|fill|>` (an unused id in Gemma 4) is dgemma's infilling filler: the token a model trained with infilling
 # writes into the places of a hole that the missing text does not need.
-GEMMA4_SPECIAL_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<|fill|>": 4, "<|think|>": 98,
+FILL_TOKEN = "<|fill|>"
+GEMMA4_SPECIAL_IDS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, FILL_TOKEN: 4, "<|think|>": 98,
                       "<|channel>": 100, "<channel|>": 101, "<|turn>": 105, "<turn|>": 106}
 
 

@@ -15,9 +15,8 @@ import torch
 
 from ..api import DiffusionGemma
 from ..engine.generate import CanvasCommit
+from ..tokenizer import FILL_TOKEN
 from .tasks import InfillTask
-
-FILL_TOKEN = "<|fill|>"  # id 4 in dgemma tokenizers (GEMMA4_SPECIAL_IDS)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 
 from ..api import DiffusionGemma
 from ..config import ConfigError
-from ..tokenizer import Tokenizer
+from ..tokenizer import FILL_TOKEN, Tokenizer
 from .base import load_base
 from .batches import Batch, BatchStream, derive_seed, make_rows
 from .checkpoint import OPTIMIZER_FILE, TrainerState, last_checkpoint, save_checkpoint
@@ -34,7 +34,6 @@ from .report import Reporter
 log = logging.getLogger(__name__)
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-FILL_TOKEN = "<|fill|>"  # the infilling filler (id 4 in dgemma tokenizers), as in `dgemma.evaluate.infill`
 
 
 class StopSignals:
