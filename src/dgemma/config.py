@@ -335,6 +335,22 @@ def _is_real(x: Any) -> bool:
 
 # -- presets ------------------------------------------------------------------------------------
 
+# the small presets: TextConfig fields and canvas length (the rest: TextConfig's defaults, the 26B model's)
+_SMALL_PRESETS = {
+    "tiny": (dict(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        max_position_embeddings=4096, sliding_window=16, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=32, layer_types=[SLIDING, SLIDING, FULL, FULL]), 32),
+    "bench": (dict(
+        vocab_size=4096, hidden_size=384, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
+        max_position_embeddings=8192, sliding_window=128, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=224, layer_types=[SLIDING, SLIDING, SLIDING, FULL]), 256),
+}
+PRESETS = ("26b-a4b", *_SMALL_PRESETS)
+
+
 def preset(name: str) -> DiffusionGemmaConfig:
     """`26b-a4b`: google/diffusiongemma-26B-A4B-it; `tiny`: a few layers of both kinds, for tests and demos;
     `bench`: the CPU benchmark's ~15.6M parameters (15,607,200, embedding counted once), big enough that matmuls
@@ -342,23 +358,9 @@ def preset(name: str) -> DiffusionGemmaConfig:
     pattern, scaled down), GQA with different KV heads / head dims per kind, MoE top-2 of 8, 256-token canvas."""
     if name == "26b-a4b":
         return DiffusionGemmaConfig(text_config=TextConfig(), canvas_length=256)
-    if name == "tiny":
-        text = TextConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
-            max_position_embeddings=4096, sliding_window=16, num_experts=8, top_k_experts=2,
-            moe_intermediate_size=32, layer_types=[SLIDING, SLIDING, FULL, FULL],
-        )
-        return DiffusionGemmaConfig(text_config=text, canvas_length=32)
-    if name == "bench":
-        text = TextConfig(
-            vocab_size=4096, hidden_size=384, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, global_head_dim=128, num_global_key_value_heads=1,
-            max_position_embeddings=8192, sliding_window=128, num_experts=8, top_k_experts=2,
-            moe_intermediate_size=224, layer_types=[SLIDING, SLIDING, SLIDING, FULL],
-        )
-        return DiffusionGemmaConfig(text_config=text, canvas_length=256)
+    if name in _SMALL_PRESETS:
+        fields, canvas = _SMALL_PRESETS[name]
+        layer_types = list(fields["layer_types"])  # each config its own list
+        return DiffusionGemmaConfig(text_config=TextConfig(**{**fields, "layer_types": layer_types}),
+                                    canvas_length=canvas)
     raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-
-
-PRESETS = ("26b-a4b", "tiny", "bench")

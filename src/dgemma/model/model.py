@@ -170,11 +170,11 @@ class DiffusionGemmaModel(nn.Module):
         """
         soft = None
         if self_cond_logits is not None:
-            self_cond_probs = self_cond_logits.softmax(dim=-1, dtype=torch.float32)
-        if self_cond_probs is not None:
+            soft = self.soft_embeddings(self_cond_logits)
+        elif self_cond_probs is not None:
             soft = self.embed_probs(self_cond_probs)
-            if self_cond_mask is not None:
-                soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
+        if soft is not None and self_cond_mask is not None:
+            soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
         if isinstance(context, KVCache):
             return self.logits(self.forward(canvas, context, None, True, soft))
         b, c = canvas.shape
