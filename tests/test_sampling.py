@@ -57,3 +57,15 @@ def test_per_row_generators_draw_what_a_seeded_global_generator_draws():
     b_tokens = rng.tokens(2, 5, 30, torch.device("cpu"))
     b_sample = rng.sample(probs)
     assert torch.equal(b_tokens[1:], a_tokens) and torch.equal(b_sample[1:], a_sample)
+
+
+@pytest.mark.parametrize("cond_dtype", [torch.float32, torch.bfloat16])
+def test_per_position_in_blocks_gives_the_whole_canvas_bits(cond_dtype, monkeypatch):
+    from dgemma.sampling import step
+
+    logits = torch.randn(2, 100, 300, generator=torch.Generator().manual_seed(0)) * 4  # 200 positions: 4 blocks
+    blocked = step.per_position(logits, 0.7, cond_dtype)
+    monkeypatch.setattr(step, "_BLOCK", 10_000)
+    whole = step.per_position(logits, 0.7, cond_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(blocked, whole))
+    assert torch.equal(whole[0], (logits / 0.7).argmax(-1))

@@ -55,23 +55,27 @@ def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dty
     n = flat.shape[0]
     block = n if flat.is_cuda else _BLOCK
     if block >= n:
-        scaled = flat / temperature
-        draft, probs, entropy = scaled.argmax(dim=-1), torch.softmax(scaled, -1, dtype=torch.float32), \
-            token_entropy(scaled)
-        cond = probs if cond_dtype == torch.float32 else torch.softmax(scaled.to(cond_dtype), -1, dtype=torch.float32)
+        draft, probs, entropy, cond = _positions(flat, temperature, cond_dtype)
     else:
         draft = torch.empty(n, dtype=torch.long, device=flat.device)
         entropy = torch.empty(n, dtype=torch.float32, device=flat.device)
         probs = torch.empty(n, v, dtype=torch.float32, device=flat.device)
         cond = probs if cond_dtype == torch.float32 else torch.empty_like(probs)
         for i in range(0, n, block):
-            scaled = flat[i:i + block] / temperature
-            draft[i:i + block] = scaled.argmax(dim=-1)
-            probs[i:i + block] = torch.softmax(scaled, -1, dtype=torch.float32)
-            entropy[i:i + block] = token_entropy(scaled)
+            rows = slice(i, i + block)
+            draft[rows], probs[rows], entropy[rows], block_cond = _positions(flat[rows], temperature, cond_dtype)
             if cond is not probs:
-                cond[i:i + block] = torch.softmax(scaled.to(cond_dtype), -1, dtype=torch.float32)
+                cond[rows] = block_cond
     return draft.view(b, c), probs.view(b, c, v), entropy.view(b, c), cond.view(b, c, v)
+
+
+def _positions(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`per_position` for logits [N, V]."""
+    scaled = logits / temperature
+    probs = torch.softmax(scaled, -1, dtype=torch.float32)
+    cond = probs if cond_dtype == torch.float32 else torch.softmax(scaled.to(cond_dtype), -1, dtype=torch.float32)
+    return scaled.argmax(dim=-1), probs, token_entropy(scaled), cond
 
 
 _BLOCK = 64  # positions per block on the CPU (fastest of 32..256 on a 2-core EPYC with 512 KiB L2 per core)
