@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: the `bench` model config, machine description, timing."""
+"""Shared helpers for the benchmark scripts: machine description, timing."""
 
 from __future__ import annotations
 
@@ -12,28 +12,7 @@ from typing import Any
 
 import torch
 
-from dgemma.config import DiffusionGemmaConfig, preset
-
-
-def bench_config() -> DiffusionGemmaConfig:
-    """The CPU benchmark config (`dgemma.config.preset("bench")`, ~15.6M parameters)."""
-    return preset("bench")
-
-
-def config_for(name: str) -> DiffusionGemmaConfig:
-    """One of dgemma's presets (`bench`, `tiny`, `26b-a4b`)."""
-    return preset(name)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from dgemma.bench.measure import cpu_model
 
 
 def _version(dist: str) -> str | None:

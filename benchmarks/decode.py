@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config_for, machine_info, median, timed  # noqa: E402
+from common import machine_info, median, timed  # noqa: E402
 
 from dgemma import DiffusionGemma  # noqa: E402
+from dgemma.config import preset  # noqa: E402
 
 SYSTEMS = ("dgemma", "transformers", "dgemma_ar")
 
@@ -61,7 +62,7 @@ class System:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (HF layout); default: --preset with random weights")
-    p.add_argument("--preset", default="bench", help="bench (this script's ~15.6M config), tiny or 26b-a4b")
+    p.add_argument("--preset", default="bench", help="bench (~15.6M parameters), tiny or 26b-a4b")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, all of the same length")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tmp = tempfile.TemporaryDirectory(prefix="dgemma-bench-")
             path, source = Path(tmp.name), f"preset {args.preset!r} with random weights (seed {args.seed})"
             log(f"building {args.preset!r} with random weights in {path}")
-            DiffusionGemma.from_config(config_for(args.preset), seed=args.seed).save_pretrained(path)
+            DiffusionGemma.from_config(preset(args.preset), seed=args.seed).save_pretrained(path)
         model = DiffusionGemma.from_pretrained(path, dtype=dtype, device=args.device)
         cfg, gen_cfg = model.config, model.generation_config
         n_params = sum(p.numel() for p in model.model.parameters())

@@ -315,16 +315,15 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     cache = den = None  # free the cache (and graph) before generation allocates its own
     free(device)
 
-    gen_static = static
     dg._static = StaticPool(graph=graph, compile=mode == "compiled")  # generation: the same pass as timed above
 
     def one_canvas(steps: int):
-        dg.generate(input_ids=ids, generation_config=fixed_passes(dg, steps, 1), static_cache=gen_static)
+        dg.generate(input_ids=ids, generation_config=fixed_passes(dg, steps, 1), static_cache=static)
 
     rows = []
     for passes in args.passes:
         step = step_ms(one_canvas, passes, device, max(2, args.repeats // 3))
-        gen = time_generate(dg, ids, fixed_passes(dg, passes, args.canvases), gen_static, max(1, args.repeats // 3))
+        gen = time_generate(dg, ids, fixed_passes(dg, passes, args.canvases), static, max(1, args.repeats // 3))
         row = {"system": "dgemma", "mode": mode, "batch": b, "prompt_len": ids.shape[1], "canvas_length": c,
                "passes": passes, "pass_ms": round(pass_ms, 3), "step_ms": round(step, 3),
                "commit_ms": round(commit_ms, 3), **{k: round(v, 4) for k, v in gen.items()}}
@@ -394,10 +393,21 @@ def machine(device: torch.device) -> dict[str, Any]:
         p = torch.cuda.get_device_properties(device)
         info.update(gpu=p.name, gpu_memory_GB=round(p.total_memory / 1e9, 1), sms=p.multi_processor_count)
     else:
-        from contextlib import suppress
-        with suppress(OSError), open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+        info["cpu"] = cpu_model()
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def emit(args, result: dict) -> None:

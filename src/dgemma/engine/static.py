@@ -1,14 +1,14 @@
 """The decoder pass with fixed shapes and addresses, captured once as a CUDA graph and replayed.
 
 A denoising pass is the same computation every step of every canvas: only the canvas tokens, the
-self-conditioning logits and (per canvas) the positions and the cache contents change. `StaticDenoiser`
+self-conditioning probabilities and (per canvas) the positions and the cache contents change. `StaticDenoiser`
 keeps all of them in persistent buffers and attends over *every* slot of the cache under a mask (empty
 slots masked out), so the shapes never change: the canvas keys/values go to the cache's scratch tail, which
 sits right after the cached slots. On CUDA the pass is captured as a graph on first use; a replay then costs
 one launch instead of the thousands of kernel launches of 30 layers (bf16 models; other dtypes and the CPU run
 the same pass eagerly, and tests compare it with `DiffusionGemmaModel.denoise`).
 
-The first step of a canvas has no self-conditioning signal: its logits buffer is multiplied by zero, which
+The first step of a canvas has no self-conditioning signal: its soft embeddings are multiplied by zero, which
 leaves the canvas embeddings exactly as the eager pass computes them.
 
 `StaticPool` holds one cache + denoiser for the last batch shape, so repeated `generate` calls of the same

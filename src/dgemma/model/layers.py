@@ -173,7 +173,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, d))
         self.kernel = None  # `dgemma.model.moe_kernel.use_triton_experts`: the Triton kernel (bf16 or FP8)
 
-
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], routing weights and expert ids [N, k] -> [N, H]."""
         n, k = ids.shape
