@@ -69,7 +69,7 @@ def weight_bytes(model: DiffusionGemmaModel) -> dict[str, int]:
     for layer in model.layers:
         kernel = layer.experts.kernel
         if kernel is not None and kernel.fp8:
-            out["float8_e4m3fn"] = out.get("float8_e4m3fn", 0) + kernel.gate_up.nbytes + kernel.down.nbytes
+            out["float8_e4m3fn"] = out.get("float8_e4m3fn", 0) + kernel.nbytes
     return out
 
 

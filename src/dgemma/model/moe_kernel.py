@@ -110,6 +110,10 @@ class TritonExperts:
         self.gate_up = TritonProjection(gate_up_proj, fp8)
         self.down = TritonProjection(down_proj, fp8)
 
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
 
 def use_triton_experts(model: torch.nn.Module, fp8: bool = False) -> int:
     """Run every layer's experts with the Triton kernel; with `fp8`, FP8 weights replace the bf16 ones (which
@@ -125,7 +129,7 @@ def use_triton_experts(model: torch.nn.Module, fp8: bool = False) -> int:
             raise RuntimeError("experts are already FP8: reload the model to change")
         experts.kernel = TritonExperts(experts.gate_up_proj.data, experts.down_proj.data, fp8)
         if fp8:
-            total += experts.kernel.gate_up.nbytes + experts.kernel.down.nbytes
+            total += experts.kernel.nbytes
             for name in ("gate_up_proj", "down_proj"):  # keep the parameters' shapes, release their memory
                 p = getattr(experts, name)
                 p.data = torch.zeros((1,) * p.dim(), dtype=p.dtype, device=p.device).expand(p.shape)
