@@ -8,8 +8,15 @@ damped, so the decoder is sure of itself: several tokens accepted per pass, earl
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_moe_kernel.py). The switch is read when
+# triton is imported, so it is set here, before any test module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEXT_BASE = dict(
     vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

@@ -121,23 +121,32 @@ class DiffusionGemmaModel(nn.Module):
         """
         b, t = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+        # a batch of canvases only (every denoising step) reads the cache and writes nothing: no write plans, no
+        # causal masks, no per-row choices, and the cache is left untouched
+        canvases_only = denoise is True
         rows = torch.as_tensor(denoise, device=tokens.device).expand(b)
-        writes = valid & ~rows[:, None]
-        cache.check_room(writes.sum(dim=1))
+        writes = None if canvases_only else valid & ~rows[:, None]
+        if writes is not None:
+            cache.check_room(writes.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
         x = self.embed(tokens)
-        if bool(rows.any()):
+        if canvases_only:
+            x = self.self_conditioning(x, self_cond)
+        elif bool(rows.any()):
             x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
         used, masks, plans = {}, {}, {}
         for kind in cache.slot_pos:
             used[kind] = cache.used(kind)
+            both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
+            if canvases_only:
+                masks[kind] = _sdpa_mask(both_ways.expand(b, t, -1)[:, None], rows, fresh=False)
+                continue
             plans[kind] = cache.plan_write(kind, positions, writes, used[kind])
             # padding tokens of encoder rows keep their (unused) positions: being causal, real queries never see them
             kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
             causal = (kpos >= 0) & (kpos <= positions[:, :, None])
             if kind == SLIDING:
                 causal &= kpos > positions[:, :, None] - cache.window
-            both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
             masks[kind] = _sdpa_mask(torch.where(rows[:, None, None], both_ways, causal)[:, None], rows,
                                      fresh=used[kind] == 0 and (kind == FULL or t < cache.window))
 
@@ -148,11 +157,13 @@ class DiffusionGemmaModel(nn.Module):
             mask, is_causal = masks[kind]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=1.0,
                                                  enable_gqa=True)
-            cache.write(i, plans[kind], k, v, keys, values)
+            if not canvases_only:
+                cache.write(i, plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-        hidden = self._stack(x, positions, attend, decoder=rows)
-        cache.commit(plans, positions, writes)
+        hidden = self._stack(x, positions, attend, decoder=True if canvases_only else rows)
+        if not canvases_only:
+            cache.commit(plans, positions, writes)
         return hidden
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:

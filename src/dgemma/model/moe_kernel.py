@@ -10,6 +10,10 @@ bytes. The rows arrive sorted by expert with `offsets[e]` the end of expert e's 
 
 `use_triton_experts(model, fp8=False)` switches every layer's experts to it (FP8 replaces the bf16 expert
 weights and frees them). This is an inference-time transform: no gradients, no checkpoint format.
+
+Without a GPU the kernel still runs in Triton's interpreter (`TRITON_INTERPRET=1` set before triton is
+imported; numpy, slow): the test suite checks it that way on the CPU, with fp32 activations (the interpreter
+does not round-trip bf16).
 """
 
 from __future__ import annotations
@@ -87,16 +91,18 @@ def quantize_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class TritonProjection:
-    """One grouped projection [E, N, K] run by the Triton kernel, in bf16 or FP8."""
+    """One grouped projection [E, N, K] run by the Triton kernel, in bf16 or FP8. Activations are cast to the
+    dtype of the weights it was built from (bf16 on the GPU)."""
 
     def __init__(self, weight: torch.Tensor, fp8: bool):
+        self.dtype = weight.dtype
         if fp8:
             self.weight, self.scale = quantize_rowwise(weight.detach())
         else:
             self.weight, self.scale = weight.detach(), None
 
     def __call__(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return grouped_matmul(x.to(torch.bfloat16).contiguous(), self.weight, offsets, self.scale)
+        return grouped_matmul(x.to(self.dtype).contiguous(), self.weight, offsets, self.scale)
 
     @property
     def nbytes(self) -> int:
