@@ -64,3 +64,31 @@ def test_one_pass_mixing_encoder_and_decoder_rows_equals_separate_passes():
     assert torch.allclose(m.logits(hidden[:1]), expected_logits, atol=1e-4)
     assert torch.allclose(hidden[1, :25], expected_hidden[0], atol=1e-5)
     assert both.lengths.tolist() == [20, 34]  # the denoising row wrote nothing
+
+
+def test_commit_fused_into_the_first_canvas_pass_gives_the_same_bits():
+    """`commit_and_denoise` = encode(committed) then denoise(canvas): logits and cache bit for bit, for rows of
+    different lengths, sliding windows already full or not."""
+    m = dgemma.DiffusionGemma.from_pretrained("models/dgemma-code-tiny").model
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 70, 140]  # window 128: not full, not full until the commit, full
+    c = m.config.canvas_length
+    prompts = torch.randint(3, 4096, (3, max(lengths)), generator=g)
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    committed, canvas = torch.randint(3, 4096, (3, c), generator=g), torch.randint(0, 4096, (3, c), generator=g)
+    caches = [KVCache(m.text, 3, 240, c) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            m.encode(prompts, cache, valid)
+        m.encode(committed, caches[0])
+        want = m.denoise(canvas, caches[0])
+        got = m.commit_and_denoise(committed, canvas, caches[1])
+        assert torch.equal(got, want)
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            assert torch.equal(a[:, :, :-c], b[:, :, :-c])  # the scratch tail past the slots is never read
+        assert torch.equal(caches[0].lengths, caches[1].lengths)
+        assert all(torch.equal(caches[0].slot_pos[k], caches[1].slot_pos[k]) for k in caches[0].slot_pos)
+        # and the next pass, which reads what the fused one wrote
+        probs = want.softmax(-1)
+        assert torch.equal(m.denoise(canvas, caches[1], self_cond_probs=probs),
+                           m.denoise(canvas, caches[0], self_cond_probs=probs))

@@ -1,7 +1,8 @@
 """Block-autoregressive canvas generation: the one decoding loop.
 
-For each canvas: encode what is not cached yet (the prompt, then the last committed canvas); start from
-uniform noise (or a caller-given canvas); denoise for up to N steps — decoder pass, temperature, sample,
+For each canvas: encode what is not cached yet (the prompt, then the last committed canvas, which the eager
+path folds into the next canvas's first decoder pass); start from uniform noise (or a caller-given canvas);
+denoise for up to N steps — decoder pass, temperature, sample,
 entropy-bound acceptance, re-noise the rest, self-condition on the scaled logits, stop early per row
 when stable and confident; commit the argmax canvas; stop rows at EOS. `stream_generate` yields every
 step's draft and every committed canvas; `generate` collects them.
@@ -152,7 +153,11 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     committed: list[torch.Tensor] = []
 
     for ci in range(n_canvases):
-        model.encode(pending, cache, valid)
+        # a committed canvas is encoded in the next canvas's first decoder pass (eager path: the same numbers,
+        # one pass fewer); the prompt, and every commit on the static path, get a pass of their own
+        fused_commit = ci > 0 and static is None
+        if not fused_commit:
+            model.encode(pending, cache, valid)
         if static is not None:
             denoise.prepare()
         canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
@@ -164,7 +169,10 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         passes = torch.zeros(b, dtype=torch.long, device=device)
         for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
             passes += ~(state.done | finished)
-            logits = denoise(state.canvas, self_cond_probs=state.self_cond)
+            if fused_commit and step == 1:
+                logits = model.commit_and_denoise(pending, state.canvas, cache)
+            else:
+                logits = denoise(state.canvas, self_cond_probs=state.self_cond)
             accepted = denoise_update(state, logits, steps_left, gen, rng)
             yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
             if bool(state.done.all()):

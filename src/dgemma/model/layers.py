@@ -215,18 +215,29 @@ class Block(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("decoder_layer_scalar", torch.ones(1))
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
+        """The dense MLP and the experts side by side. With `split`, positions [:split] and [split:] of every row
+        go through the experts as two separate groups of tokens, as they would in two passes."""
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         flat = x.reshape(-1, x.shape[-1])
         weights, ids = self.router(flat)
-        moe = self.experts(self.pre_feedforward_layernorm_2(flat), weights, ids).reshape(x.shape)
+        normed = self.pre_feedforward_layernorm_2(flat)
+        if split is None:
+            moe = self.experts(normed, weights, ids).reshape(x.shape)
+        else:
+            b, t, h = x.shape
+            parts = [tuple(z.view(b, t, -1)[:, cols].reshape(-1, z.shape[-1]) for z in (normed, weights, ids))
+                     for cols in (slice(None, split), slice(split, None))]
+            moe = torch.cat([self.experts(*part).view(b, -1, h) for part in parts], dim=1)
         return self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
 
-    def forward(self, x: torch.Tensor, attend, decoder: bool | torch.Tensor) -> torch.Tensor:
-        """`attend(projections, normed_x)` is the pass's attention; `decoder` says which stack's scalar applies,
-        for the whole batch or per row ([B] bool, a batch mixing encoder and decoder rows)."""
+    def forward(self, x: torch.Tensor, attend, decoder: bool | torch.Tensor, split: int | None = None) -> torch.Tensor:
+        """`attend(projections, normed_x)` is the pass's attention; `decoder` says which stack's scalar applies:
+        for the whole batch, per row ([B] bool, a batch mixing encoder and decoder rows) or per position ([B, T]).
+        `split`: see `feed_forward`."""
         x = x + self.post_attention_layernorm(attend(self.self_attn, self.input_layernorm(x)))
-        x = x + self.feed_forward(x)
+        x = x + self.feed_forward(x, split)
         if isinstance(decoder, torch.Tensor):
-            return x * torch.where(decoder[:, None, None], self.decoder_layer_scalar, self.layer_scalar)
+            flag = decoder[:, None, None] if decoder.dim() == 1 else decoder[:, :, None]
+            return x * torch.where(flag, self.decoder_layer_scalar, self.layer_scalar)
         return x * (self.decoder_layer_scalar if decoder else self.layer_scalar)

@@ -99,13 +99,14 @@ class DiffusionGemmaModel(nn.Module):
         w = self.embed_tokens.weight
         return torch.matmul(probs.to(w.dtype), w) * self.embed_scale(w.dtype)
 
-    def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, decoder: bool) -> torch.Tensor:
+    def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, decoder: bool | torch.Tensor,
+               split: int | None = None) -> torch.Tensor:
         """Run every layer; `attend(layer_index, kind, proj, h, cos, sin)` is the pass's attention."""
         rope = {kind: rope_cos_sin(getattr(self, f"inv_freq_{kind}"), positions, x.dtype)
                 for kind in set(self.text.layer_types)}
         for i, layer in enumerate(self.layers):
             kind = self.text.layer_types[i]
-            x = layer(x, partial(attend, i, kind, cos=rope[kind][0], sin=rope[kind][1]), decoder=decoder)
+            x = layer(x, partial(attend, i, kind, cos=rope[kind][0], sin=rope[kind][1]), decoder=decoder, split=split)
         return self.norm(x)
 
     # -- passes ----------------------------------------------------------------------------------
@@ -134,29 +135,11 @@ class DiffusionGemmaModel(nn.Module):
             x = self.self_conditioning(x, self_cond)
         elif bool(rows.any()):
             x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
-        used, masks, plans = {}, {}, {}
-        for kind in cache.slot_pos:
-            used[kind] = cache.used(kind)
-            both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
-            if canvases_only:
-                masks[kind] = _sdpa_mask(both_ways.expand(b, t, -1)[:, None], rows, fresh=False)
-                continue
-            plans[kind] = cache.plan_write(kind, positions, writes, used[kind])
-            # padding tokens of encoder rows keep their (unused) positions: being causal, real queries never see them
-            kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
-            causal = (kpos >= 0) & (kpos <= positions[:, :, None])
-            if kind == SLIDING:
-                causal &= kpos > positions[:, :, None] - cache.window
-            masks[kind] = _sdpa_mask(torch.where(rows[:, None, None], both_ways, causal)[:, None], rows,
-                                     fresh=used[kind] == 0 and (kind == FULL or t < cache.window))
+        used, masks, plans = _attention_plan(cache, positions, valid, rows, writes)
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            keys = torch.cat([cache.k[i][:, :, :used[kind]], k], dim=2)
-            values = torch.cat([cache.v[i][:, :, :used[kind]], v], dim=2)
-            mask, is_causal = masks[kind]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=1.0,
-                                                 enable_gqa=True)
+            out, keys, values = _attend_cache(cache, i, used[kind], q, k, v, masks[kind])
             if not canvases_only:
                 cache.write(i, plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -169,6 +152,41 @@ class DiffusionGemmaModel(nn.Module):
     def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache."""
         return self.forward(tokens, cache, valid, denoise=False)
+
+    def commit_and_denoise(self, committed: torch.Tensor, canvas: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`encode(committed, cache)` followed by a canvas's first `denoise(canvas, cache)` (no self-conditioning
+        yet), as one pass over `[committed ; canvas]` per row: returns the canvas logits [B, C, V].
+
+        The numbers are those of the two passes: the committed tokens' keys/values are written to the cache
+        layer by layer before the canvas attends to it, attention and the experts run for the two parts
+        separately (an expert's group of tokens is what it would be in its own pass, and so is its rounding),
+        and everything else works position by position. What is saved is the per-op cost of a whole pass, and
+        the matmuls run on twice the rows. `committed` [B, T] must be all valid tokens (a committed canvas)."""
+        b, t = committed.shape
+        c = canvas.shape[1]
+        dev = committed.device
+        valid = torch.ones_like(committed, dtype=torch.bool)
+        cache.check_room(valid.sum(dim=1))
+        enc_pos = cache.lengths[:, None] + torch.arange(t, device=dev)
+        enc_rows = torch.zeros(b, dtype=torch.bool, device=dev)
+        used_e, masks_e, plans = _attention_plan(cache, enc_pos, valid, enc_rows, valid)
+        cache.commit(plans, enc_pos, valid)  # the positions now; the keys and values layer by layer below
+        dec_pos = cache.lengths[:, None] + torch.arange(c, device=dev)
+        used_d, masks_d, _ = _attention_plan(cache, dec_pos, torch.ones_like(canvas, dtype=torch.bool),
+                                             ~enc_rows, None)
+        x = torch.cat([self.embed(committed), self.self_conditioning(self.embed(canvas), None)], dim=1)
+
+        def attend(i, kind, proj, h, cos, sin):
+            q, k, v = proj.qkv(h, cos, sin)
+            (q_e, q_d), (k_e, k_d), (v_e, v_d) = (z.split((t, c), dim=2) for z in (q, k, v))
+            out_e, keys, values = _attend_cache(cache, i, used_e[kind], q_e, k_e, v_e, masks_e[kind])
+            cache.write(i, plans[kind], k_e, v_e, keys, values)
+            out_d = _attend_cache(cache, i, used_d[kind], q_d, k_d, v_d, masks_d[kind])[0]  # sees what was written
+            return proj.o_proj(torch.cat([out_e, out_d], dim=2).transpose(1, 2).reshape(b, t + c, -1))
+
+        decoder = (torch.arange(t + c, device=dev) >= t).expand(b, t + c)  # which scalar: per position
+        hidden = self._stack(x, torch.cat([enc_pos, dec_pos], dim=1), attend, decoder=decoder, split=t)
+        return self.logits(hidden[:, t:])
 
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,6 +246,40 @@ def _sdpa_mask(mask: torch.Tensor, decoder_rows: torch.Tensor, fresh: bool) -> t
     if bool(decoder_rows.all()) and bool(mask.all()):
         return None, False
     return mask, False
+
+
+def _attend_cache(cache: KVCache, layer: int, used: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: tuple[torch.Tensor | None, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDPA of queries q over `[cache slots [0, used) ; k]` (values likewise); returns (output, keys, values)."""
+    keys = torch.cat([cache.k[layer][:, :, :used], k], dim=2)
+    values = torch.cat([cache.v[layer][:, :, :used], v], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[0], is_causal=mask[1], scale=1.0,
+                                         enable_gqa=True)
+    return out, keys, values
+
+
+def _attention_plan(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
+                    writes: torch.Tensor | None) -> tuple[dict, dict, dict]:
+    """Per attention kind: the cache slots in use, the write plan (encoder rows) and the SDPA (mask, is_causal)
+    for new tokens at `positions` [B, T]; `rows` [B] marks canvas rows. `writes` None: every row is a canvas,
+    nothing is written (no plans, no causal masks)."""
+    b, t = positions.shape
+    used, masks, plans = {}, {}, {}
+    for kind in cache.slot_pos:
+        used[kind] = cache.used(kind)
+        both_ways = torch.cat([cache.slot_pos[kind][:, :used[kind]] >= 0, valid], dim=1)[:, None, :]
+        if writes is None:
+            masks[kind] = _sdpa_mask(both_ways.expand(b, t, -1)[:, None], rows, fresh=False)
+            continue
+        plans[kind] = cache.plan_write(kind, positions, writes, used[kind])
+        # padding tokens of encoder rows keep their (unused) positions: being causal, real queries never see them
+        kpos = torch.cat([cache.slot_pos[kind][:, :used[kind]], positions], dim=1)[:, None, :]
+        causal = (kpos >= 0) & (kpos <= positions[:, :, None])
+        if kind == SLIDING:
+            causal &= kpos > positions[:, :, None] - cache.window
+        masks[kind] = _sdpa_mask(torch.where(rows[:, None, None], both_ways, causal)[:, None], rows,
+                                 fresh=used[kind] == 0 and (kind == FULL or t < cache.window))
+    return used, masks, plans
 
 
 class SequenceKV:
