@@ -112,7 +112,7 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     if done.any():  # rows that already stopped keep their state
         draft = torch.where(done[:, None], state.draft, draft)
         canvas = torch.where(done[:, None], state.canvas, canvas)
-        cond = torch.where(done[:, None, None], state.self_cond, cond)
+        cond[done] = state.self_cond[done]  # in place, those rows only: `cond` is this step's fresh tensor
         mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
     state.done = done | state.stopper(draft, mean_entropy)
     state.canvas, state.draft, state.self_cond = canvas, draft, cond
