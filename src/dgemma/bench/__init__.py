@@ -12,7 +12,8 @@ weights):
 - `pass_ms`: one decoder pass over a canvas after a `--prompt-len` prompt (median of `--repeats`);
 - `step_ms`: a whole denoising step as generation runs it (pass + temperature, sampling, acceptance,
   re-noising, early-stop test), from one-canvas generations of 1 and `--passes` steps;
-- `commit_ms`: the encoder pass that commits a canvas to the cache;
+- `commit_ms`: the encoder pass that commits a canvas to the cache; `commit_first_pass_ms` (eager): that commit
+  folded into the next canvas's first decoder pass, as eager generation runs them (`commit_and_denoise`);
 - `tokens_per_s`, `first_canvas_s`: `--canvases` canvases at exactly `--passes` passes each (random weights
   never stop early; `passes_per_canvas` shows it), prompt encoding included;
 - the per-pass split (`--split`; eager, first batch size): attention (with norms and residuals), dense MLP,
