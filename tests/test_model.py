@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dgemma
@@ -66,9 +67,20 @@ def test_one_pass_mixing_encoder_and_decoder_rows_equals_separate_passes():
     assert both.lengths.tolist() == [20, 34]  # the denoising row wrote nothing
 
 
-def test_commit_fused_into_the_first_canvas_pass_gives_the_same_bits():
+@pytest.fixture
+def threads(request):
+    """Run the test with torch.set_num_threads(param), then restore the suite's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+def test_commit_fused_into_the_first_canvas_pass_gives_the_same_bits(threads):
     """`commit_and_denoise` = encode(committed) then denoise(canvas): logits and cache bit for bit, for rows of
-    different lengths, sliding windows already full or not."""
+    different lengths, sliding windows already full or not (the matmuls run on twice the rows: their rounding
+    per row must not change, with one thread or two)."""
     m = dgemma.DiffusionGemma.from_pretrained("models/dgemma-code-tiny").model
     g = torch.Generator().manual_seed(0)
     lengths = [5, 70, 140]  # window 128: not full, not full until the commit, full

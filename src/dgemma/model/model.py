@@ -4,6 +4,8 @@
   keys/values into the KV cache. Its logits are a plain autoregressive LM over the same weights.
 - `denoise` runs the same stack *bidirectionally* over a canvas whose queries see `[cache ; canvas]`;
   it reads the cache and never writes it. Canvas positions continue after each row's cache.
+- `commit_and_denoise` is an `encode` of a committed canvas and the next canvas's first `denoise` in one pass,
+  with the numbers of the two (what eager generation runs between canvases).
 
 The only link between the two passes is the cache. Self-conditioning (decoder only) turns the previous
 step's scaled logits into soft embeddings that are mixed into the canvas embeddings.
