@@ -2,10 +2,10 @@
 
 For each canvas: encode what is not cached yet (the prompt, then the last committed canvas, which the eager
 path folds into the next canvas's first decoder pass); start from uniform noise (or a caller-given canvas);
-denoise for up to N steps — decoder pass, temperature, sample,
-entropy-bound acceptance, re-noise the rest, self-condition on the scaled logits, stop early per row
-when stable and confident; commit the argmax canvas; stop rows at EOS. `stream_generate` yields every
-step's draft and every committed canvas; `generate` collects them.
+denoise for up to N steps — decoder pass, temperature, sample, entropy-bound acceptance, re-noise the rest,
+self-condition on the scaled logits, stop early per row when stable and confident; commit the argmax canvas;
+stop rows at EOS. `stream_generate` yields every step's draft and every committed canvas; `generate`
+collects them.
 
 Rows are independent: a row's cache length, positions and (with per-row generators) random numbers
 are its own, so a prompt gives the same tokens alone or in a batch of prompts of other lengths.
