@@ -306,7 +306,9 @@ class Scheduler:
         rows = self._active[start:]
         decoding = [i for i, r in enumerate(rows) if r.state is not None]
         tokens, valid, self_cond = self._batch(rows)
-        denoise = torch.tensor([r.state is not None for r in rows], device=self.cache.device)
+        # all canvases (the steady state): the pass that reads the cache and writes nothing
+        denoise = True if len(decoding) == len(rows) else torch.tensor([r.state is not None for r in rows],
+                                                                        device=self.cache.device)
         hidden = self.model.forward(tokens, self.cache.rows(start, len(self._active)), valid, denoise, self_cond)
         logits = iter(self.model.logits(hidden[decoding, :self.c]).split(1)) if decoding else None
         for row in rows:
