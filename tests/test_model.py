@@ -104,3 +104,22 @@ def test_commit_fused_into_the_first_canvas_pass_gives_the_same_bits(threads):
         probs = want.softmax(-1)
         assert torch.equal(m.denoise(canvas, caches[1], self_cond_probs=probs),
                            m.denoise(canvas, caches[0], self_cond_probs=probs))
+
+
+@pytest.mark.parametrize("fusable", [True, False])
+def test_generation_folds_commits_only_where_the_matmuls_allow_it(monkeypatch, fusable):
+    """Where `commit_fusable` says no, commits get their own pass; the tokens are the same either way."""
+    dg = dgemma.DiffusionGemma.from_pretrained("models/dgemma-code-tiny")
+    m = dg.model
+    assert m.commit_fusable(2, 32, 32) in (True, False)  # computed once, then remembered
+    assert (2, 32, 32, torch.get_num_threads(), m.device, m.dtype) in m._fusable
+    ids = torch.randint(3, 4096, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    want = dg.generate(input_ids=ids, max_new_tokens=96, eos_token_id=[]).sequences
+    calls = []
+    monkeypatch.setattr(m, "commit_fusable", lambda *a: fusable)
+    monkeypatch.setattr(m, "commit_and_denoise", lambda *a, f=m.commit_and_denoise: calls.append(1) or f(*a))
+    torch.manual_seed(0)
+    got = dg.generate(input_ids=ids, max_new_tokens=96, eos_token_id=[]).sequences
+    assert torch.equal(got, want)
+    assert len(calls) == (2 if fusable else 0)  # 3 canvases: 2 commits

@@ -155,7 +155,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     for ci in range(n_canvases):
         # a committed canvas is encoded in the next canvas's first decoder pass (eager path: the same numbers,
         # one pass fewer); the prompt, and every commit on the static path, get a pass of their own
-        fused_commit = ci > 0 and static is None
+        fused_commit = ci > 0 and static is None and model.commit_fusable(b, pending.shape[1], c)
         if not fused_commit:
             model.encode(pending, cache, valid)
         if static is not None:

@@ -51,6 +51,7 @@ class DiffusionGemmaModel(nn.Module):
         self.init_rope()
         # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
         self.extra_tensors: dict[str, torch.Tensor] = {}
+        self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables; needed after building the model on the meta device."""
@@ -163,7 +164,8 @@ class DiffusionGemmaModel(nn.Module):
         layer by layer before the canvas attends to it, attention and the experts run for the two parts
         separately (an expert's group of tokens is what it would be in its own pass, and so is its rounding),
         and everything else works position by position. What is saved is the per-op cost of a whole pass, and
-        the matmuls run on twice the rows. `committed` [B, T] must be all valid tokens (a committed canvas)."""
+        the matmuls run on twice the rows (`commit_fusable` says whether they round each row as before on this
+        machine). `committed` [B, T] must be all valid tokens (a committed canvas)."""
         b, t = committed.shape
         c = canvas.shape[1]
         dev = committed.device
@@ -189,6 +191,17 @@ class DiffusionGemmaModel(nn.Module):
         decoder = (torch.arange(t + c, device=dev) >= t).expand(b, t + c)  # which scalar: per position
         hidden = self._stack(x, torch.cat([enc_pos, dec_pos], dim=1), attend, decoder=decoder, split=t)
         return self.logits(hidden[:, t:])
+
+    def commit_fusable(self, batch: int, committed: int, canvas: int) -> bool:
+        """Whether `commit_and_denoise` gives the two passes' bits on this machine for `batch` rows: its matmuls run
+        on `committed + canvas` positions per row at once, and each row must round as it does in a product over
+        one part alone. That holds for MKL on the CPUs tried; it is a property of the BLAS library, not a contract,
+        so it is checked (once per shape, thread count, device and dtype) on every linear layer shape of the
+        stack with random inputs. Where it does not hold, generation encodes and denoises in separate passes."""
+        key = (batch, committed, canvas, torch.get_num_threads(), self.device, self.dtype)
+        if key not in self._fusable:
+            self._fusable[key] = _rows_round_alike(self, batch, committed, canvas)
+        return self._fusable[key]
 
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -248,6 +261,25 @@ def _sdpa_mask(mask: torch.Tensor, decoder_rows: torch.Tensor, fresh: bool) -> t
     if bool(decoder_rows.all()) and bool(mask.all()):
         return None, False
     return mask, False
+
+
+@torch.no_grad()
+def _rows_round_alike(model: DiffusionGemmaModel, batch: int, first: int, second: int) -> bool:
+    """Every distinct linear layer shape: is `linear(x)` for x [batch, first + second, in] row for row equal to
+    `linear` of each part of x on its own?"""
+    g = torch.Generator(device=model.device).manual_seed(0)
+    seen = set()
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight.shape in seen:
+            continue
+        seen.add(module.weight.shape)
+        w = module.weight
+        x = torch.randn(batch, first + second, w.shape[1], generator=g, device=w.device).to(w.dtype)
+        whole = F.linear(x, w)
+        if not (torch.equal(whole[:, :first], F.linear(x[:, :first].contiguous(), w))
+                and torch.equal(whole[:, first:], F.linear(x[:, first:].contiguous(), w))):
+            return False
+    return True
 
 
 def _attend_cache(cache: KVCache, layer: int, used: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
