@@ -2,7 +2,8 @@
 
 Temperature-scale the logits, accept the low-entropy prefix within the bound, sample a token there (or
 take the argmax; the generator advances as if every position were sampled, as in the reference), re-noise
-the rest, keep fixed positions, freeze rows that already stopped, then test the early stop. Used by the one-request-batch loop and by the continuous-batching scheduler.
+the rest, keep fixed positions, freeze rows that already stopped, then test the early stop. Used by the
+one-request-batch loop and by the continuous-batching scheduler.
 """
 
 from __future__ import annotations
