@@ -71,15 +71,7 @@ class KVCache:
     def write(self, layer: int, plan: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store layer `layer`'s new k, v [B, kv_heads, T, D]; `keys`/`values` are `[cache[:used] ; new]`."""
-        if self.kinds[layer] == FULL:
-            rows = torch.arange(self.batch, device=k.device)[:, None].expand_as(plan)
-            self.k[layer][rows, :, plan] = k.transpose(1, 2)
-            self.v[layer][rows, :, plan] = v.transpose(1, 2)
-            return
-        b, h, _, d = keys.shape
-        index = plan[:, None, :, None].expand(b, h, plan.shape[1], d)
-        self.k[layer][:, :, :plan.shape[1]] = keys.gather(2, index)
-        self.v[layer][:, :, :plan.shape[1]] = values.gather(2, index)
+        write_layer(self.kinds[layer], self.k[layer], self.v[layer], plan, k, v, keys, values)
 
     def commit(self, plans: dict[str, torch.Tensor], positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Record the positions held after an encoder pass."""
@@ -123,3 +115,17 @@ class KVCache:
         for pos in self.slot_pos.values():
             pos[rows] = -1
         self.lengths[rows] = 0
+
+
+def write_layer(kind: str, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """`KVCache.write` on one layer's buffers, given its kind and `plan_write`'s plan."""
+    if kind == FULL:
+        rows = torch.arange(plan.shape[0], device=k.device)[:, None].expand_as(plan)
+        k_cache[rows, :, plan] = k.transpose(1, 2)
+        v_cache[rows, :, plan] = v.transpose(1, 2)
+        return
+    b, h, _, d = keys.shape
+    index = plan[:, None, :, None].expand(b, h, plan.shape[1], d)
+    k_cache[:, :, :plan.shape[1]] = keys.gather(2, index)
+    v_cache[:, :, :plan.shape[1]] = values.gather(2, index)

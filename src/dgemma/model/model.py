@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FULL, SLIDING, DiffusionGemmaConfig
-from ..engine.cache import KVCache
+from ..engine.cache import KVCache, write_layer
 from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
+from .traced import TracedPasses
 
 
 class SelfConditioning(nn.Module):
@@ -52,6 +53,7 @@ class DiffusionGemmaModel(nn.Module):
         # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
+        self._passes = TracedPasses(self)
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables; needed after building the model on the meta device."""
@@ -133,24 +135,57 @@ class DiffusionGemmaModel(nn.Module):
         if writes is not None:
             cache.check_room(writes.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
-        x = self.embed(tokens)
-        if canvases_only:
-            x = self.self_conditioning(x, self_cond)
-        elif bool(rows.any()):
-            x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
         used, masks, plans = _attention_plan(cache, positions, valid, rows, writes)
+        if canvases_only:
+            kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]])
+                  for i, kind in enumerate(self.text.layer_types)]
+            return self._passes.run_canvas(tokens, positions, self_cond, kv, {kind: m[0] for kind, m in masks.items()})
+        kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]], cache.k[i], cache.v[i])
+              for i, kind in enumerate(self.text.layer_types)]
+        hidden = self._passes.run_encoder(tokens, positions, rows, self_cond if bool(rows.any()) else False, kv,
+                                          masks, plans)
+        cache.commit(plans, positions, writes)
+        return hidden
+
+    def encoder_pass(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                     self_cond: torch.Tensor | None | bool, kv: list[tuple[torch.Tensor, ...]],
+                     masks: dict[str, tuple[torch.Tensor | None, bool]], plans: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`forward` of a batch with encoder rows, as a function of its arguments: new tokens [B, T] at
+        `positions`, `rows` [B] the canvas rows among them (their self-conditioning input `self_cond`, False when
+        there are none), per layer `kv` = (cached keys, cached values: the used slots; the whole key and value
+        buffers, written here), per attention kind the SDPA (mask, is_causal) and the write plan. Returns the final
+        normed hidden states; the caller commits the positions (`KVCache.commit`)."""
+        b, t = tokens.shape
+        x = self.embed(tokens)
+        if self_cond is not False:
+            x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            out, keys, values = _attend_cache(cache, i, used[kind], q, k, v, masks[kind])
-            if not canvases_only:
-                cache.write(i, plans[kind], k, v, keys, values)
+            keys, values = torch.cat([kv[i][0], k], dim=2), torch.cat([kv[i][1], v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind][0], is_causal=masks[kind][1],
+                                                 scale=1.0, enable_gqa=True)
+            write_layer(kind, kv[i][2], kv[i][3], plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-        hidden = self._stack(x, positions, attend, decoder=True if canvases_only else rows)
-        if not canvases_only:
-            cache.commit(plans, positions, writes)
-        return hidden
+        return self._stack(x, positions, attend, decoder=rows)
+
+    def canvas_pass(self, tokens: torch.Tensor, positions: torch.Tensor, self_cond: torch.Tensor | None,
+                    kv: list[tuple[torch.Tensor, torch.Tensor]], masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The decoder pass of canvases [B, T] at `positions` over cached keys/values `kv` (per layer, the used
+        slots), a function of its tensor arguments only: final normed hidden states. `masks` per attention kind:
+        which keys each row sees ([B, 1, T, keys]), None where all of them. What `forward` runs, directly or as
+        a trace (`TracedPasses`)."""
+        b, t = tokens.shape
+        x = self.self_conditioning(self.embed(tokens), self_cond)
+
+        def attend(i, kind, proj, h, cos, sin):
+            q, k, v = proj.qkv(h, cos, sin)
+            keys, values = torch.cat([kv[i][0], k], dim=2), torch.cat([kv[i][1], v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+        return self._stack(x, positions, attend, decoder=True)
 
     def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache."""
@@ -178,19 +213,38 @@ class DiffusionGemmaModel(nn.Module):
         dec_pos = cache.lengths[:, None] + torch.arange(c, device=dev)
         used_d, masks_d, _ = _attention_plan(cache, dec_pos, torch.ones_like(canvas, dtype=torch.bool),
                                              ~enc_rows, None)
+        kv = [(k[:, :, :used_e[kind]], v[:, :, :used_e[kind]], k, v, k[:, :, :used_d[kind]], v[:, :, :used_d[kind]])
+              for k, v, kind in zip(cache.k, cache.v, self.text.layer_types)]
+        hidden = self._passes.run_commit(committed, canvas, enc_pos, dec_pos, kv, masks_e, masks_d, plans)
+        return self.logits(hidden[:, t:].contiguous())  # one matmul over the canvas rows, as a pass of their own
+
+    def commit_canvas_pass(self, committed: torch.Tensor, canvas: torch.Tensor, enc_pos: torch.Tensor,
+                           dec_pos: torch.Tensor, kv: list[tuple[torch.Tensor, ...]],
+                           masks_e: dict[str, tuple[torch.Tensor | None, bool]],
+                           masks_d: dict[str, tuple[torch.Tensor | None, bool]],
+                           plans: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`commit_and_denoise`'s pass as a function of its arguments: per layer `kv` = (the committed tokens'
+        view of the cache keys and values, the whole buffers they are written to, the canvas's view of them,
+        which includes what this pass writes); returns the final hidden states of `[committed ; canvas]`."""
+        b, t = committed.shape
+        c = canvas.shape[1]
         x = torch.cat([self.embed(committed), self.self_conditioning(self.embed(canvas), None)], dim=1)
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
             (q_e, q_d), (k_e, k_d), (v_e, v_d) = (z.split((t, c), dim=2) for z in (q, k, v))
-            out_e, keys, values = _attend_cache(cache, i, used_e[kind], q_e, k_e, v_e, masks_e[kind])
-            cache.write(i, plans[kind], k_e, v_e, keys, values)
-            out_d = _attend_cache(cache, i, used_d[kind], q_d, k_d, v_d, masks_d[kind])[0]  # sees what was written
+            keys, values = torch.cat([kv[i][0], k_e], dim=2), torch.cat([kv[i][1], v_e], dim=2)
+            out_e = F.scaled_dot_product_attention(q_e, keys, values, attn_mask=masks_e[kind][0],
+                                                   is_causal=masks_e[kind][1], scale=1.0, enable_gqa=True)
+            write_layer(kind, kv[i][2], kv[i][3], plans[kind], k_e, v_e, keys, values)
+            # the canvas sees what was just written
+            keys, values = torch.cat([kv[i][4], k_d], dim=2), torch.cat([kv[i][5], v_d], dim=2)
+            out_d = F.scaled_dot_product_attention(q_d, keys, values, attn_mask=masks_d[kind][0],
+                                                   is_causal=masks_d[kind][1], scale=1.0, enable_gqa=True)
             return proj.o_proj(torch.cat([out_e, out_d], dim=2).transpose(1, 2).reshape(b, t + c, -1))
 
-        decoder = (torch.arange(t + c, device=dev) >= t).expand(b, t + c)  # which scalar: per position
-        hidden = self._stack(x, torch.cat([enc_pos, dec_pos], dim=1), attend, decoder=decoder, split=t)
-        return self.logits(hidden[:, t:])
+        decoder = (torch.arange(t + c, device=x.device) >= t).expand(b, t + c)  # which scalar: per position
+        return self._stack(x, torch.cat([enc_pos, dec_pos], dim=1), attend, decoder=decoder, split=t)
 
     def commit_fusable(self, batch: int, committed: int, canvas: int) -> bool:
         """Whether `commit_and_denoise` gives the two passes' bits on this machine for `batch` rows: its matmuls run
@@ -280,16 +334,6 @@ def _rows_round_alike(model: DiffusionGemmaModel, batch: int, first: int, second
                 and torch.equal(whole[:, first:], F.linear(x[:, first:].contiguous(), w))):
             return False
     return True
-
-
-def _attend_cache(cache: KVCache, layer: int, used: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: tuple[torch.Tensor | None, bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDPA of queries q over `[cache slots [0, used) ; k]` (values likewise); returns (output, keys, values)."""
-    keys = torch.cat([cache.k[layer][:, :, :used], k], dim=2)
-    values = torch.cat([cache.v[layer][:, :, :used], v], dim=2)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[0], is_causal=mask[1], scale=1.0,
-                                         enable_gqa=True)
-    return out, keys, values
 
 
 def _attention_plan(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
