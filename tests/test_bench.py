@@ -37,8 +37,8 @@ def test_bench_cli_reports_every_mode_with_fixed_passes(tmp_path, capsys):
                  "--canvases", "1", "--repeats", "2", "--split", "--out", str(tmp_path)])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["errors"] == []
-    assert [(r["mode"], r["batch"]) for r in result["runs"]] == [("eager", 1), ("static", 1), ("eager", 2),
-                                                                 ("static", 2)]
+    assert [(r["mode"], r["batch"]) for r in result["runs"]] == [("traced", 1), ("eager", 1), ("traced", 2),
+                                                                 ("eager", 2)]
     assert all(r["passes_per_canvas"] == 3 and r["new_tokens"] == 32 * r["batch"] for r in result["runs"])
     assert all((r["commit_first_pass_ms"] is None) == (r["mode"] == "static") for r in result["runs"])
     assert set(result["split_ms"]) == {"batch", "prompt_len", "variant", "attention_norms_residual", "dense_mlp", "experts",

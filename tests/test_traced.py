@@ -28,9 +28,9 @@ def traces(m, which: str = "canvas") -> int:
 
 def eager_and_traced(m, canvas, cache, probs):
     """The eager pass, then the same pass three times with tracing on (first use, trace, replay)."""
-    m._passes.enabled = False
+    m.trace_passes = False
     want = m.denoise(canvas, cache, self_cond_probs=probs)
-    m._passes.enabled = True
+    m.trace_passes = True
     got = [m.denoise(canvas, cache, self_cond_probs=probs) for _ in range(3)]
     return want, got
 
@@ -74,7 +74,7 @@ def test_encoder_trace_writes_the_cache_as_the_eager_pass(lengths):
             tokens = prompts if n is None else torch.randint(3, 4096, (b, n), generator=g)
             out = []
             for cache, enabled in zip(caches, (False, True)):
-                m._passes.enabled = enabled
+                m.trace_passes = enabled
                 out.append(m.encode(tokens, cache, valid if n is None else None))
             assert torch.equal(out[0], out[1]), i
             for x, y in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
@@ -100,7 +100,7 @@ def test_fused_commit_trace_is_the_eager_pass():
             committed, canvas = (torch.randint(3, 4096, (2, c), generator=g) for _ in range(2))
             out = []
             for cache, enabled in zip(caches, (False, True)):
-                m._passes.enabled = enabled
+                m.trace_passes = enabled
                 out.append(m.commit_and_denoise(committed, canvas, cache))
             assert torch.equal(out[0], out[1]), i
             for x, y in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
@@ -145,14 +145,14 @@ def test_generation_gives_the_same_tokens_with_traces_or_without():
     gen = dataclasses.replace(dg.generation_config, max_new_tokens=96, eos_token_id=[])
     runs = []
     for enabled in (False, True, True):
-        dg.model._passes.enabled = enabled
+        dg.model.trace_passes = enabled
         torch.manual_seed(0)
         runs.append(generate(dg.model, prompts, gen).tokens)
     assert traces(dg.model) >= 1
     assert runs[0] == runs[1] == runs[2]
     ar = []
     for enabled in (False, True):
-        dg.model._passes.enabled = enabled
+        dg.model.trace_passes = enabled
         ar.append(generate_ar(dg.model, prompts, 40, [], None).tokens)
     assert traces(dg.model, "encoder") >= 1
     assert ar[0] == ar[1]

@@ -66,7 +66,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passes", default="16", help="comma-separated denoising passes per canvas (default 16)")
     p.add_argument("--canvases", type=positive_int, default=2, help="canvases per generation (default 2)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} "
-                                                 "(default: eager,graph on CUDA, eager,static on the CPU)")
+                                                 "(default: eager,graph on CUDA, traced,eager on the CPU)")
     p.add_argument("--split", action="store_true", help="also the per-part split of an eager pass")
     p.add_argument("--transformers", action="store_true", help="also transformers on the same weights")
     p.add_argument("--ar", action="store_true", help="also dgemma's autoregressive mode on the same weights, for the "
@@ -97,12 +97,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if cuda and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available here")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.modes = (args.modes or ("eager,graph" if cuda else "eager,static")).split(",")
+    args.modes = (args.modes or ("eager,graph" if cuda else "traced,eager")).split(",")
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         raise CLIError(f"unknown --modes {bad}; choose from {', '.join(MODES)}")
-    if not cuda and set(args.modes) - {"eager", "static"}:
-        raise CLIError("--modes other than eager and static need a CUDA device")
+    if not cuda and set(args.modes) - {"traced", "eager", "static"}:
+        raise CLIError("--modes other than traced, eager and static need a CUDA device")
+    if cuda and "traced" in args.modes:
+        raise CLIError("--modes traced runs on the CPU only (CUDA passes run as CUDA graphs: --modes graph)")
     if args.model:
         args.preset = None
     result = run(args)

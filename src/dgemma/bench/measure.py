@@ -20,12 +20,13 @@ from ..config import GenerationConfig, preset
 from ..engine.cache import KVCache
 from ..engine.static import StaticDenoiser, StaticPool
 from ..model.model import DiffusionGemmaModel
+from ..model.traced import TRACE_AFTER
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
 from .floor import compute_floor, copy_bandwidth, median_ms, sync, weight_bytes
 from .models import random_model, transformers_sharing
 
-MODES = ("eager", "static", "graph", "fused", "compiled", "triton", "fp8")
+MODES = ("traced", "eager", "static", "graph", "fused", "compiled", "triton", "fp8")
 
 
 def log(msg: str) -> None:
@@ -290,8 +291,11 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     """One row per `--passes` value: pass, commit and step times, and generation at that many passes."""
     device, model, c = dg.device, dg.model, dg.config.canvas_length
     b = ids.shape[0]
-    static = mode != "eager"
-    graph = mode not in ("eager", "static")
+    static = mode not in ("eager", "traced")
+    graph = mode not in ("eager", "traced", "static")
+    # `traced` (the CPU default): passes replayed from TorchScript traces, recorded on first use here (in the
+    # warm-up calls); `eager`: every pass through the Python layer code
+    model.trace_passes, model._passes.trace_after = mode == "traced", 1
     log(f"{mode} batch {b} prompt {ids.shape[1]} canvas {c}")
     cache = filled_cache(dg, ids, c)
     sc = torch.randn(b, c, model.text.vocab_size, device=device).softmax(-1)  # last pass's probabilities
@@ -341,6 +345,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
             row["floor_ms"], row["pass_over_floor"] = round(floor, 3), round(pass_ms / floor, 3)
         rows.append(row)
     dg._static = StaticPool()  # drop the captured graph and its cache
+    model.trace_passes, model._passes.trace_after = True, TRACE_AFTER
     free(device)
     return rows
 
@@ -381,7 +386,9 @@ def measure_ar(dg: DiffusionGemma, ids: torch.Tensor, args) -> dict:
     dev_ids = ids.to(device)
     wall = median_ms(lambda: dg.generate_ar(dev_ids, max_new_tokens=n, eos_token_id=[]), device,
                      max(1, args.repeats // 3), warmup=1)
-    return {"system": "dgemma_ar", "mode": "eager", "batch": b, "prompt_len": ids.shape[1], "canvas_length": c,
+    # the default path: on the CPU its one-token steps are replayed from a trace after the first few
+    mode = "traced" if dg.model.trace_passes and device.type == "cpu" else "eager"
+    return {"system": "dgemma_ar", "mode": mode, "batch": b, "prompt_len": ids.shape[1], "canvas_length": c,
             "new_tokens": b * n, "tokens_per_s": round(b * n / (wall / 1e3), 2), "wall_s": round(wall / 1e3, 4),
             "ms_per_token_step": round(wall / n, 3)}
 

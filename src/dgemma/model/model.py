@@ -67,6 +67,16 @@ class DiffusionGemmaModel(nn.Module):
                     self.register_buffer(f"inv_freq_{kind}", rope_inv_freq(t, kind, head_dim), persistent=False)
 
     @property
+    def trace_passes(self) -> bool:
+        """Whether CPU passes are replayed from TorchScript traces (`dgemma.model.traced`; same results, less
+        Python per pass). On by default."""
+        return self._passes.enabled
+
+    @trace_passes.setter
+    def trace_passes(self, on: bool) -> None:
+        self._passes.enabled = bool(on)
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 

@@ -18,7 +18,7 @@ A trace holds the weights it was recorded with. The eager pass runs instead when
 it: gradients enabled, a device other than the CPU, hooks on any module (a trace would skip them), a custom
 expert kernel or compiled elementwise kernels. Traces are dropped when a module, parameter or buffer is
 replaced (a LoRA adapter injected, weights loaded into new tensors, `param.data = ...`); weights updated in
-place are seen by the trace. `model._passes.enabled = False` turns tracing off.
+place are seen by the trace. `model.trace_passes = False` turns tracing off.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ class TracedPasses:
         self._storage: list[int] = []  # where they lived when the traces were recorded
 
     def __deepcopy__(self, memo):  # a copied model gets its own (empty) set; traces are not copyable
-        return TracedPasses(memo.get(id(self._model[0]), self._model[0]))
+        copied = TracedPasses(memo.get(id(self._model[0]), self._model[0]))
+        copied.enabled, copied.trace_after = self.enabled, self.trace_after
+        return copied
 
     def __getstate__(self):
         return {"_model": self._model, "enabled": self.enabled}
