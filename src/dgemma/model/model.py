@@ -172,9 +172,7 @@ class DiffusionGemmaModel(nn.Module):
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            keys, values = torch.cat([kv[i][0], k], dim=2), torch.cat([kv[i][1], v], dim=2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind][0], is_causal=masks[kind][1],
-                                                 scale=1.0, enable_gqa=True)
+            out, keys, values = _attend(q, k, v, kv[i][0], kv[i][1], *masks[kind])
             write_layer(kind, kv[i][2], kv[i][3], plans[kind], k, v, keys, values)
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -191,8 +189,7 @@ class DiffusionGemmaModel(nn.Module):
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            keys, values = torch.cat([kv[i][0], k], dim=2), torch.cat([kv[i][1], v], dim=2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            out = _attend(q, k, v, kv[i][0], kv[i][1], masks[kind])[0]
             return proj.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
         return self._stack(x, positions, attend, decoder=True)
@@ -243,14 +240,9 @@ class DiffusionGemmaModel(nn.Module):
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
             (q_e, q_d), (k_e, k_d), (v_e, v_d) = (z.split((t, c), dim=2) for z in (q, k, v))
-            keys, values = torch.cat([kv[i][0], k_e], dim=2), torch.cat([kv[i][1], v_e], dim=2)
-            out_e = F.scaled_dot_product_attention(q_e, keys, values, attn_mask=masks_e[kind][0],
-                                                   is_causal=masks_e[kind][1], scale=1.0, enable_gqa=True)
+            out_e, keys, values = _attend(q_e, k_e, v_e, kv[i][0], kv[i][1], *masks_e[kind])
             write_layer(kind, kv[i][2], kv[i][3], plans[kind], k_e, v_e, keys, values)
-            # the canvas sees what was just written
-            keys, values = torch.cat([kv[i][4], k_d], dim=2), torch.cat([kv[i][5], v_d], dim=2)
-            out_d = F.scaled_dot_product_attention(q_d, keys, values, attn_mask=masks_d[kind][0],
-                                                   is_causal=masks_d[kind][1], scale=1.0, enable_gqa=True)
+            out_d = _attend(q_d, k_d, v_d, kv[i][4], kv[i][5], *masks_d[kind])[0]  # sees what was just written
             return proj.o_proj(torch.cat([out_e, out_d], dim=2).transpose(1, 2).reshape(b, t + c, -1))
 
         decoder = (torch.arange(t + c, device=x.device) >= t).expand(b, t + c)  # which scalar: per position
@@ -344,6 +336,16 @@ def _rows_round_alike(model: DiffusionGemmaModel, batch: int, first: int, second
                 and torch.equal(whole[:, first:], F.linear(x[:, first:].contiguous(), w))):
             return False
     return True
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor,
+            mask: torch.Tensor | None = None, is_causal: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDPA of queries q over `[cached ; new]` keys and values; returns (output, keys, values)."""
+    keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal, scale=1.0,
+                                         enable_gqa=True)
+    return out, keys, values
 
 
 def _attention_plan(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
