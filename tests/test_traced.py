@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import dgemma
+from dgemma.model import traced
 from dgemma.engine.cache import KVCache
 from dgemma.engine.autoregressive import generate_ar
 from dgemma.engine.generate import generate
@@ -170,3 +171,19 @@ def test_a_signature_is_traced_on_its_eighth_use():
         assert traces(m) == 0
         m.denoise(canvas, cache)
         assert traces(m) == 1
+
+
+def test_traces_are_capped_and_prefills_stay_eager(monkeypatch):
+    """A recorded trace keeps memory for the life of the process, so their number is capped (no eviction and
+    re-recording) and a prompt's prefill, whose token count changes from call to call, is never traced."""
+    monkeypatch.setattr(traced, "_MAX_TRACES", 1)
+    m = traced_on_second_use(dgemma.DiffusionGemma.from_pretrained(SHIPPED).model)
+    with torch.inference_mode():
+        for b in (1, 2):
+            cache = KVCache(m.text, b, 100, 32)
+            for _ in range(3):
+                m.encode(torch.randint(3, 4096, (b, 20)), cache)  # 20 tokens: a prefill's shape
+            canvas = torch.randint(0, 4096, (b, 32))
+            want, got = eager_and_traced(m, canvas, cache, None)
+            assert all(torch.equal(x, want) for x in got)
+    assert traces(m) == 1 and traces(m, "encoder") == 0

@@ -309,7 +309,10 @@ class Scheduler:
         # all canvases (the steady state): the pass that reads the cache and writes nothing
         denoise = True if len(decoding) == len(rows) else torch.tensor([r.state is not None for r in rows],
                                                                         device=self.cache.device)
-        hidden = self.model.forward(tokens, self.cache.rows(start, len(self._active)), valid, denoise, self_cond)
+        # untraced: a server's passes come in a new shape whenever the number of active rows changes, and every
+        # recorded trace keeps memory for the life of the process (`dgemma.model.traced`)
+        hidden = self.model.forward(tokens, self.cache.rows(start, len(self._active)), valid, denoise, self_cond,
+                                    traced=False)
         logits = iter(self.model.logits(hidden[decoding, :self.c]).split(1)) if decoding else None
         for row in rows:
             if row.state is None:

@@ -126,7 +126,8 @@ class DiffusionGemmaModel(nn.Module):
 
     # -- passes ----------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                denoise: bool | torch.Tensor = False, self_cond: torch.Tensor | None = None) -> torch.Tensor:
+                denoise: bool | torch.Tensor = False, self_cond: torch.Tensor | None = None,
+                traced: bool = True) -> torch.Tensor:
         """One pass over new tokens [B, T] placed after each row's cache; returns the final normed hidden states.
 
         Rows with `denoise` False are encoder rows: causal (sliding window on sliding layers), their valid
@@ -134,6 +135,7 @@ class DiffusionGemmaModel(nn.Module):
         `[cache ; canvas]`, self-conditioned on `self_cond` (soft embeddings [B, T, H] from `soft_embeddings`,
         zero for rows without; None on a first pass), nothing written. One batch may mix both (continuous
         batching). Token t of row b sits at position `cache.lengths[b] + t`; `valid` False marks right padding.
+        `traced=False` always runs the Python pass (no TorchScript trace is recorded or replayed for it).
         """
         b, t = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
@@ -149,11 +151,14 @@ class DiffusionGemmaModel(nn.Module):
         if canvases_only:
             kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]])
                   for i, kind in enumerate(self.text.layer_types)]
-            return self._passes.run_canvas(tokens, positions, self_cond, kv, {kind: m[0] for kind, m in masks.items()})
+            canvas_masks = {kind: m[0] for kind, m in masks.items()}
+            if not traced:
+                return self.canvas_pass(tokens, positions, self_cond, kv, canvas_masks)
+            return self._passes.run_canvas(tokens, positions, self_cond, kv, canvas_masks)
         kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]], cache.k[i], cache.v[i])
               for i, kind in enumerate(self.text.layer_types)]
-        hidden = self._passes.run_encoder(tokens, positions, rows, self_cond if bool(rows.any()) else False, kv,
-                                          masks, plans)
+        run = self._passes.run_encoder if traced else self.encoder_pass
+        hidden = run(tokens, positions, rows, self_cond if bool(rows.any()) else False, kv, masks, plans)
         cache.commit(plans, positions, writes)
         return hidden
 

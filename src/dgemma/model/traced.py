@@ -11,21 +11,24 @@ which also writes the cache buffers it is given), batch and token count, whether
 input, which attention kinds take a mask (and which are causal), dtype. The cached keys/values, positions,
 masks and write plans are arguments, so one trace serves every canvas of a generation (the cache grows between
 canvases), every token of autoregressive decoding, and every later call of that shape. A signature is traced
-on its `trace_after`-th use (8), so one-off passes (a prompt's prefill) and short runs never pay for recording
-a trace (0.15-0.25 s for the shipped model, against ~10 ms saved per pass).
+on its `trace_after`-th use (8), so short runs never pay for recording a trace (0.15-0.25 s for the shipped
+model, against ~7-10 ms saved per pass); encoder passes are traced only for one token or one canvas per row
+(a prompt's prefill has a new length every call). A recorded function stays in TorchScript's process-wide
+compilation unit, so at most 8 traces are recorded per model and none is evicted; the continuous-batching
+scheduler, whose batch size changes all the time, runs untraced passes.
 
 A trace holds the weights it was recorded with. The eager pass runs instead whenever a trace could differ from
 it: gradients enabled, a device other than the CPU, hooks on any module (a trace would skip them), a custom
 expert kernel or compiled elementwise kernels. Traces are dropped when a module, parameter or buffer is
 replaced (a LoRA adapter injected, weights loaded into new tensors, `param.data = ...`); weights updated in
-place are seen by the trace. `model.trace_passes = False` turns tracing off.
+place are seen by the trace (a dropped trace's recorded function stays behind, see above). `model.trace_passes =
+False` turns tracing off.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -34,9 +37,12 @@ from .layers import KERNELS, PLAIN_KERNELS
 
 log = logging.getLogger(__name__)
 
-_MAX_TRACES = 8  # signatures kept (least recently used dropped): a server sees one per batch size
+# traces held at most. A recorded function stays in TorchScript's process-wide compilation unit (~15 MB plus
+# ~4 MB per batch row for the shipped model) even after it is dropped here, so traces are never evicted to make
+# room: once this many exist, other signatures stay eager, which bounds that memory
+_MAX_TRACES = 8
 # a signature is traced on this use: recording costs ~15-25 passes' worth of savings (shipped model, batch 1),
-# so short runs stay eager and long ones (a 512-token generation: ~70 denoising passes) and servers gain
+# so short runs stay eager and long ones (a 512-token generation: ~70 denoising passes) gain
 TRACE_AFTER = 8
 
 
@@ -59,7 +65,7 @@ class TracedPasses:
         self._model = [model]  # in a list: not a submodule, and no attribute cycle for nn.Module to follow
         self.enabled = hasattr(torch.jit, "trace")
         self.trace_after = TRACE_AFTER
-        self._traces: OrderedDict[tuple, object] = OrderedDict()  # signature -> trace, or a count of uses so far
+        self._traces: dict[tuple, object] = {}  # signature -> trace, or a count of uses so far
         self._structure = -1  # _STRUCTURE when the lists below were taken
         self._hooks: list[tuple[dict, dict]] = []  # every module's forward (pre-)hooks
         self._modules: list[int] = []  # the model's modules, parameters and buffers (ids)
@@ -109,6 +115,8 @@ class TracedPasses:
         cond = self_cond if isinstance(self_cond, bool) else self_cond is not None  # False: no canvas rows
         layout = tuple((kind, masks[kind][0] is not None, masks[kind][1]) for kind in kinds)
         key = ("encoder", tuple(tokens.shape), cond, layout, model.dtype)
+        # a prompt's prefill has its own token count every call: only one-token steps and whole canvases recur
+        recurring = tokens.shape[1] in (1, model.config.canvas_length)
         args = [tokens, positions, rows] + ([self_cond] if isinstance(self_cond, torch.Tensor) else [])
         args += [masks[kind][0] for kind in kinds if masks[kind][0] is not None] + [plans[kind] for kind in kinds]
         args += [t for quad in kv for t in quad]
@@ -121,7 +129,7 @@ class TracedPasses:
             return model.encoder_pass(args[0], args[1], args[2], given_cond,
                                       [tuple(rest[i:i + 4]) for i in range(0, len(rest), 4)], given, given_plans)
 
-        return self._run(key, args, one_pass)
+        return self._run(key, args, one_pass) if recurring else one_pass(*args)
 
     def run_commit(self, committed: torch.Tensor, canvas: torch.Tensor, enc_pos: torch.Tensor, dec_pos: torch.Tensor,
                    kv: list[tuple[torch.Tensor, ...]], masks_e: dict[str, tuple[torch.Tensor | None, bool]],
@@ -150,11 +158,10 @@ class TracedPasses:
             return one_pass(*args)
         entry = self._traces.get(key, 0)
         if isinstance(entry, int):  # uses so far; -1: tracing failed for this signature
-            if entry < 0 or entry + 1 < self.trace_after:
+            if entry < 0 or entry + 1 < self.trace_after or self._held() >= _MAX_TRACES:
                 self._remember(key, entry + 1 if entry >= 0 else -1)
                 return one_pass(*args)
             return self._trace(key, one_pass, args)  # the recording pass is this call's pass: it writes the cache
-        self._traces.move_to_end(key)
         with torch.jit.optimized_execution(False):
             return entry(*args)
 
@@ -184,11 +191,11 @@ class TracedPasses:
             self._storage = storage
         return True
 
+    def _held(self) -> int:
+        return sum(not isinstance(entry, int) for entry in self._traces.values())
+
     def _remember(self, key: tuple, entry) -> None:
         self._traces[key] = entry
-        self._traces.move_to_end(key)
-        while len(self._traces) > _MAX_TRACES:
-            self._traces.popitem(last=False)
 
     def _trace(self, key: tuple, one_pass, args: list[torch.Tensor]) -> torch.Tensor:
         """Record `one_pass` on `args` and return what the recorded run computed (a pass that writes the cache
@@ -202,7 +209,7 @@ class TracedPasses:
         try:
             with warnings.catch_warnings(), torch.jit.optimized_execution(False):
                 warnings.simplefilter("ignore")  # the deprecation notice, and "tensor results are constants"
-                self._remember(key, torch.jit.trace(recorded, tuple(args), check_trace=False))
+                self._remember(key, torch.jit.trace(recorded, tuple(args), check_trace=False, _store_inputs=False))
         except Exception as e:  # noqa: BLE001 - any failure leaves this signature on the eager pass
             log.info("pass not traced (%s): eager passes for %s", e, key)
             self._remember(key, -1)
