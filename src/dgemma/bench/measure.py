@@ -20,7 +20,6 @@ from ..config import GenerationConfig, preset
 from ..engine.cache import KVCache
 from ..engine.static import StaticDenoiser, StaticPool
 from ..model.model import DiffusionGemmaModel
-from ..model.traced import TRACE_AFTER
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
 from .floor import compute_floor, copy_bandwidth, median_ms, sync, weight_bytes
@@ -295,6 +294,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     graph = mode not in ("eager", "traced", "static")
     # `traced` (the CPU default): passes replayed from TorchScript traces, recorded on first use here (in the
     # warm-up calls); `eager`: every pass through the Python layer code
+    tracing = model.trace_passes, model._passes.trace_after
     model.trace_passes, model._passes.trace_after = mode == "traced", 1
     log(f"{mode} batch {b} prompt {ids.shape[1]} canvas {c}")
     cache = filled_cache(dg, ids, c)
@@ -345,7 +345,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
             row["floor_ms"], row["pass_over_floor"] = round(floor, 3), round(pass_ms / floor, 3)
         rows.append(row)
     dg._static = StaticPool()  # drop the captured graph and its cache
-    model.trace_passes, model._passes.trace_after = True, TRACE_AFTER
+    model.trace_passes, model._passes.trace_after = tracing
     free(device)
     return rows
 

@@ -68,10 +68,9 @@ class KVCache:
         index = torch.where(wanted < old_len, wanted - old_start, used + wanted - old_len)
         return torch.where(wanted < new_len, index, torch.zeros_like(index))
 
-    def write(self, layer: int, plan: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store layer `layer`'s new k, v [B, kv_heads, T, D]; `keys`/`values` are `[cache[:used] ; new]`."""
-        write_layer(self.kinds[layer], self.k[layer], self.v[layer], plan, k, v, keys, values)
+    def views(self, used: dict[str, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values in slots [0, used[kind]) (views: they see later writes)."""
+        return [(k[:, :, :used[kind]], v[:, :, :used[kind]]) for k, v, kind in zip(self.k, self.v, self.kinds)]
 
     def commit(self, plans: dict[str, torch.Tensor], positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Record the positions held after an encoder pass."""
@@ -119,7 +118,8 @@ class KVCache:
 
 def write_layer(kind: str, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """`KVCache.write` on one layer's buffers, given its kind and `plan_write`'s plan."""
+    """Store one layer's new k, v [B, kv_heads, T, D] in its cache buffers by `KVCache.plan_write`'s plan for
+    the layer's kind; `keys`/`values` are `[cached slots ; new]`."""
     if kind == FULL:
         rows = torch.arange(plan.shape[0], device=k.device)[:, None].expand_as(plan)
         k_cache[rows, :, plan] = k.transpose(1, 2)

@@ -149,14 +149,9 @@ class DiffusionGemmaModel(nn.Module):
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
         used, masks, plans = _attention_plan(cache, positions, valid, rows, writes)
         if canvases_only:
-            kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]])
-                  for i, kind in enumerate(self.text.layer_types)]
-            canvas_masks = {kind: m[0] for kind, m in masks.items()}
-            if not traced:
-                return self.canvas_pass(tokens, positions, self_cond, kv, canvas_masks)
-            return self._passes.run_canvas(tokens, positions, self_cond, kv, canvas_masks)
-        kv = [(cache.k[i][:, :, :used[kind]], cache.v[i][:, :, :used[kind]], cache.k[i], cache.v[i])
-              for i, kind in enumerate(self.text.layer_types)]
+            run = self._passes.run_canvas if traced else self.canvas_pass
+            return run(tokens, positions, self_cond, cache.views(used), {kind: m[0] for kind, m in masks.items()})
+        kv = [(*cached, k, v) for cached, k, v in zip(cache.views(used), cache.k, cache.v)]
         run = self._passes.run_encoder if traced else self.encoder_pass
         hidden = run(tokens, positions, rows, self_cond if bool(rows.any()) else False, kv, masks, plans)
         cache.commit(plans, positions, writes)
@@ -225,8 +220,8 @@ class DiffusionGemmaModel(nn.Module):
         dec_pos = cache.lengths[:, None] + torch.arange(c, device=dev)
         used_d, masks_d, _ = _attention_plan(cache, dec_pos, torch.ones_like(canvas, dtype=torch.bool),
                                              ~enc_rows, None)
-        kv = [(k[:, :, :used_e[kind]], v[:, :, :used_e[kind]], k, v, k[:, :, :used_d[kind]], v[:, :, :used_d[kind]])
-              for k, v, kind in zip(cache.k, cache.v, self.text.layer_types)]
+        kv = [(*before, k, v, *after) for before, k, v, after in zip(cache.views(used_e), cache.k, cache.v,
+                                                                       cache.views(used_d))]
         hidden = self._passes.run_commit(committed, canvas, enc_pos, dec_pos, kv, masks_e, masks_d, plans)
         return self.logits(hidden[:, t:].contiguous())  # one matmul over the canvas rows, as a pass of their own
 

@@ -159,7 +159,7 @@ class TracedPasses:
         entry = self._traces.get(key, 0)
         if isinstance(entry, int):  # uses so far; -1: tracing failed for this signature
             if entry < 0 or entry + 1 < self.trace_after or self._held() >= _MAX_TRACES:
-                self._remember(key, entry + 1 if entry >= 0 else -1)
+                self._traces[key] = entry + 1 if entry >= 0 else -1
                 return one_pass(*args)
             return self._trace(key, one_pass, args)  # the recording pass is this call's pass: it writes the cache
         with torch.jit.optimized_execution(False):
@@ -194,9 +194,6 @@ class TracedPasses:
     def _held(self) -> int:
         return sum(not isinstance(entry, int) for entry in self._traces.values())
 
-    def _remember(self, key: tuple, entry) -> None:
-        self._traces[key] = entry
-
     def _trace(self, key: tuple, one_pass, args: list[torch.Tensor]) -> torch.Tensor:
         """Record `one_pass` on `args` and return what the recorded run computed (a pass that writes the cache
         must run once)."""
@@ -209,10 +206,10 @@ class TracedPasses:
         try:
             with warnings.catch_warnings(), torch.jit.optimized_execution(False):
                 warnings.simplefilter("ignore")  # the deprecation notice, and "tensor results are constants"
-                self._remember(key, torch.jit.trace(recorded, tuple(args), check_trace=False, _store_inputs=False))
+                self._traces[key] = torch.jit.trace(recorded, tuple(args), check_trace=False, _store_inputs=False)
         except Exception as e:  # noqa: BLE001 - any failure leaves this signature on the eager pass
             log.info("pass not traced (%s): eager passes for %s", e, key)
-            self._remember(key, -1)
+            self._traces[key] = -1
             if not ran:
                 return one_pass(*args)
         return ran[0]
