@@ -123,3 +123,30 @@ def test_generation_folds_commits_only_where_the_matmuls_allow_it(monkeypatch, f
     got = dg.generate(input_ids=ids, max_new_tokens=96, eos_token_id=[]).sequences
     assert torch.equal(got, want)
     assert len(calls) == (2 if fusable else 0)  # 3 canvases: 2 commits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_rope_give_the_bits_of_the_plain_formulas(dtype):
+    """The CPU rms_norm (sum / count with fp32 tensor constants) and apply_rope (roll, sign moved into sin) are
+    rearrangements of the reference's formulas that must not change a bit."""
+    from dgemma.model.layers import apply_rope, rms_norm, rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 32, 256), (2, 7, 4, 64), (3, 5, 1, 128), (64, 384)]:
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        w = torch.randn(shape[-1], generator=g).to(dtype)
+        for weight in (w, None):
+            xf = x.float()
+            plain = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+            plain = (plain if weight is None else plain * weight.float()).to(dtype)
+            assert torch.equal(rms_norm(x, weight, 1e-6), plain)
+    inv_freq = torch.cat([1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 64)), torch.zeros(24)])  # proportional
+    positions = torch.randint(0, 5000, (2, 7), generator=g)
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    plain_sin = emb.sin().to(dtype)[:, :, None, :]
+    assert torch.equal(cos, emb.cos().to(dtype)[:, :, None, :])
+    x = torch.randn(2, 7, 4, 64, generator=g).to(dtype)
+    rotated = torch.cat((-x[..., 32:], x[..., :32]), dim=-1)
+    assert torch.equal(apply_rope(x, cos, sin), x * cos + rotated * plain_sin)

@@ -15,20 +15,38 @@ from torch import nn
 from ..config import TextConfig
 
 
+_CONSTANTS: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_constants(eps: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 0-dim CPU tensors (eps, dim) for `rms_norm` on the CPU; `RMSNorm` makes its own when it is built (a
+    TorchScript trace that made them would make them again on every replay)."""
+    if (eps, dim) not in _CONSTANTS:
+        _CONSTANTS[eps, dim] = tuple(torch.tensor(v, dtype=torch.float32, device="cpu") for v in (eps, float(dim)))
+    return _CONSTANTS[eps, dim]
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     # the dtype round trips only where they convert: a small model's pass runs ~70 norms, each op a dispatch
     xf = x if x.dtype == torch.float32 else x.float()
-    # pow(-0.5) rather than rsqrt: matches the reference bit for bit
-    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if xf.device.type == "cpu":
+        # `mean` is a sum divided by the count, and a Python `eps` is wrapped into a tensor and converted on every
+        # call: with both as fp32 tensors the same arithmetic runs without those conversions (same bits)
+        eps_t, count = _norm_constants(eps, int(xf.shape[-1]))  # int(): a traced size is a tensor
+        var = xf.pow(2).sum(-1, keepdim=True).div_(count).add_(eps_t)
+    else:
+        var = xf.pow(2).mean(-1, keepdim=True) + eps
+    out = xf * torch.pow(var, -0.5)  # pow(-0.5) rather than rsqrt: matches the reference bit for bit
     if weight is not None:
         out = out * (weight if weight.dtype == torch.float32 else weight.float())
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x * cos + rotate_half(x) * sin, with `sin` as `rope_cos_sin` gives it: its first half negated, so that
+    rotate_half(x) * sin = roll(x, half) * sin (the sign moves from x to sin: the same products, bit for bit,
+    in 4 ops instead of 7)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +90,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        _norm_constants(eps, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS["rms_norm"](x, self.weight, self.eps)
@@ -92,10 +111,14 @@ def rope_inv_freq(config: TextConfig, layer_type: str, head_dim: int) -> torch.T
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, T, 1, head_dim] for integer positions [B, T]."""
+    """cos and sin of shape [B, T, 1, head_dim] for integer positions [B, T], the first half of sin negated (what
+    `apply_rope` takes)."""
     freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
+    sin = emb.sin()
+    half = sin.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return emb.cos().to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
 
 
 class AttentionProjections(nn.Module):
@@ -181,7 +204,7 @@ class Experts(nn.Module):
         # end of each expert's group (= cumsum of bincount, without bincount's host sync on CUDA)
         offsets = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=ids.device), right=True,
                                      out_int32=True)
-        routed = x[order // k]
+        routed = x.index_select(0, order // k)
         if self.kernel is not None:
             gate, up = self.kernel.gate_up(routed, offsets).chunk(2, dim=-1)
             out = self.kernel.down(KERNELS["gelu_mul"](gate, up), offsets)
