@@ -20,7 +20,7 @@ def _probs(n, v, seed):
     return torch.softmax(torch.randn(n, v, generator=g) * 4, dim=-1)
 
 
-@pytest.mark.parametrize("n,v,used", [(256, 4096, [0, 5, 6, 7, 100, 255]), (3, 2, [1]), (40, 999, []),
+@pytest.mark.parametrize("n,v,used", [(256, 4096, [0, 5, 6, 7, 100, 255]), (64, 4096, [0, 31, 32, 63]), (3, 2, [1]), (40, 999, []),
                                       (17, 513, list(range(17)))])
 def test_used_rows_and_generator_state_equal_torch_multinomial(fresh, n, v, used):
     probs = _probs(n, v, n)

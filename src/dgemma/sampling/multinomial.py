@@ -11,7 +11,8 @@ Here the same picks come out for the rows that are used while the rest of the dr
 the tensor's dtype), in element order, and `uniform_` on a float64 tensor consumes the generator in exactly
 the same way. So the generator is advanced past unused rows with `uniform_` into a scratch buffer (a
 quarter of the cost), and the used rows get their uniforms, exponentials and `argmax(p / q)` as
-`torch.multinomial` computes them.
+`torch.multinomial` computes them: uniforms a span of rows at a time, exponentials and picks for all used rows
+in one go (a pass accepts a few scattered positions, and per-row calls cost more than the arithmetic).
 
 That equivalence is a property of PyTorch's CPU kernels, not a documented contract, so it is checked on
 the first call of the process (per dtype) against `torch.multinomial` itself (same shape, same generator state: the
@@ -67,25 +68,32 @@ def _skip(gen: torch.Generator, n: int) -> None:
 def _draw(probs: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n, v = probs.shape
     out = torch.zeros(n, dtype=torch.long)
-    picked = rows.nonzero().flatten().tolist()
-    # runs of consecutive used rows are drawn together
-    runs: list[list[int]] = []
-    for r in picked:
-        if runs and runs[-1][1] == r:
-            runs[-1][1] = r + 1
-        else:
-            runs.append([r, r + 1])
-    done = 0
-    for start, end in runs:
+    picked = rows.nonzero().flatten()
+    if picked.numel() == 0:
+        _skip(gen, n * v)
+        return out
+    p = probs.index_select(0, picked)
+    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p.sum(-1) > 0).all()):
+        torch.multinomial(p, 1)  # raises the reference's error for invalid probabilities
+    # the used rows' uniforms, drawn a span of rows at a time: the rows between used ones inside a span are
+    # drawn too (skipping them would cost as much), spans at most a scratch buffer long, skips between spans
+    uniforms, done, order = [], 0, picked.tolist()
+    span = max(1, _SCRATCH // v)
+    i = 0
+    while i < len(order):
+        start = order[i]
+        j = i
+        while j + 1 < len(order) and order[j + 1] < start + span:
+            j += 1
+        end = order[j] + 1
         _skip(gen, (start - done) * v)
-        p = probs[start:end]
-        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p.sum(-1) > 0).all()):
-            torch.multinomial(p, 1)  # raises the reference's error for invalid probabilities
         u = torch.empty(end - start, v, dtype=torch.float64).uniform_(generator=gen)
-        q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
-        out[start:end] = torch.div(p, q).argmax(dim=-1)
-        done = end
+        uniforms.append(u if j - i + 1 == end - start else u[torch.tensor(order[i:j + 1]) - start])
+        done, i = end, j + 1
     _skip(gen, (n - done) * v)
+    u = uniforms[0] if len(uniforms) == 1 else torch.cat(uniforms)
+    q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
+    out[picked] = torch.div(p, q).argmax(dim=-1)
     return out
 
 
