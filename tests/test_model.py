@@ -152,7 +152,7 @@ def test_norm_and_rope_give_the_bits_of_the_plain_formulas(dtype):
     assert torch.equal(apply_rope(x, cos, sin), x * cos + rotated * plain_sin)
 
 
-def test_vocabulary_matmuls_on_the_transposed_copy_keep_the_bits_and_follow_the_weight(monkeypatch):
+def test_vocabulary_matmuls_on_the_transposed_copy_keep_the_bits_and_live_in_a_session(monkeypatch):
     import torch.nn.functional as F
 
     from dgemma.model import vocab
@@ -160,21 +160,42 @@ def test_vocabulary_matmuls_on_the_transposed_copy_keep_the_bits_and_follow_the_
     vm = vocab.VocabMatmuls()
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4096, 256, generator=g)
+    hidden = torch.randn(1, 32, 256, generator=g)
     with torch.inference_mode():
-        for rows in (1, 32, 64, 256):
-            hidden = torch.randn(1, rows, 256, generator=g)
-            probs = torch.randn(1, rows, 4096, generator=g).softmax(-1)
+        vm.head(hidden, w)
+        assert vm._copy is None  # outside a session: the plain product
+        with vm.session():
+            for rows in (1, 32, 64, 256):
+                hidden = torch.randn(1, rows, 256, generator=g)
+                probs = torch.randn(1, rows, 4096, generator=g).softmax(-1)
+                assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
+                assert torch.equal(vm.expected(probs, w), torch.matmul(probs, w))
+            assert vm._copy is not None and vm._same[("head", 32, torch.get_num_threads(), (4096, 256))]
+            w.mul_(2)  # updated in place: the copy is made again
             assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
-            assert torch.equal(vm.expected(probs, w), torch.matmul(probs, w))
-        assert vm._copy is not None and vm._same[("head", 32, torch.get_num_threads(), torch.float32)]
-        w.mul_(2)  # updated in place: the copy is made again
-        assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
-        assert torch.equal(vm._copy, w.t())
+            assert torch.equal(vm._copy, w.t())
+        assert vm._copy is None  # dropped with the session: writes the version counter misses cannot go stale
+        w.data.mul_(3)
+        with vm.session():
+            assert torch.equal(vm.head(hidden, w), F.linear(hidden, w))
     w2 = torch.randn(4096, 256, generator=g, requires_grad=True)
-    out = vm.head(torch.randn(1, 32, 256, generator=g), w2)  # autograd: the plain product, with its gradient
-    assert out.requires_grad and not torch.equal(vm._copy, w2.detach().t())
+    with vm.session():
+        out = vm.head(torch.randn(1, 32, 256, generator=g), w2)  # autograd: the plain product, with its gradient
+        assert out.requires_grad and vm._copy is None
     monkeypatch.setattr(vocab, "_agree", lambda *a: False)  # where the two ways disagree, the plain product
     vm2 = vocab.VocabMatmuls()
-    with torch.inference_mode():
+    with torch.inference_mode(), vm2.session():
         assert torch.equal(vm2.head(hidden, w), F.linear(hidden, w)) and vm2._same
         assert not any(vm2._same.values())
+
+
+def test_norms_built_in_inference_mode_still_train():
+    """rms_norm's cached constants must be plain tensors whatever mode the first norm was built in."""
+    from dgemma.model import layers
+
+    layers._CONSTANTS.pop((1e-5, 48), None)
+    with torch.inference_mode():
+        layers.RMSNorm(48, eps=1e-5)  # makes the (eps, dim) constants
+    x, w = torch.randn(3, 48, requires_grad=True), torch.randn(48, requires_grad=True)
+    layers.rms_norm(x, w, 1e-5).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and w.grad is not None

@@ -89,7 +89,7 @@ def pass_split(dg: DiffusionGemma, cache: KVCache, canvas: torch.Tensor, repeats
     sc = torch.randn(canvas.shape[0], canvas.shape[1], model.text.vocab_size, device=device).softmax(-1)
     totals: dict[str, list[float]] = {}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), model.vocab_session():
             for r in range(repeats + 1):
                 marks.clear()
                 t_soft = [stamp()]
@@ -300,7 +300,7 @@ def measure(dg: DiffusionGemma, ids: torch.Tensor, canvas: torch.Tensor, mode: s
     cache = filled_cache(dg, ids, c)
     sc = torch.randn(b, c, model.text.vocab_size, device=device).softmax(-1)  # last pass's probabilities
     den = None
-    with torch.inference_mode():
+    with torch.inference_mode(), model.vocab_session():  # as generation runs its passes
         if static:
             den = StaticDenoiser(model, cache, graph=graph, compile=mode == "compiled")
             den.prepare()

@@ -41,24 +41,25 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
     first = 0.0
-    for step in range(max_new_tokens):
-        hidden = model.encode(tokens, cache, valid)
-        last = hidden[torch.arange(b, device=device), valid.sum(dim=1) - 1]
-        logits = model.logits(last)
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)]) \
-                if generators else torch.multinomial(probs, 1)[:, 0]
-        nxt = nxt.masked_fill(finished, pad)
-        out.append(nxt)
-        finished |= torch.isin(nxt, eos)
-        if step == 0:
-            first = time.perf_counter() - t0
-        if bool(finished.all()):
-            break
-        tokens, valid = nxt[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
+    with model.vocab_session():
+        for step in range(max_new_tokens):
+            hidden = model.encode(tokens, cache, valid)
+            last = hidden[torch.arange(b, device=device), valid.sum(dim=1) - 1]
+            logits = model.logits(last)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)]) \
+                    if generators else torch.multinomial(probs, 1)[:, 0]
+            nxt = nxt.masked_fill(finished, pad)
+            out.append(nxt)
+            finished |= torch.isin(nxt, eos)
+            if step == 0:
+                first = time.perf_counter() - t0
+            if bool(finished.all()):
+                break
+            tokens, valid = nxt[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
     gen = torch.stack(out, dim=1)
     n_tokens = (gen != pad).sum(dim=1).tolist()
     stats = GenerationStats(passes_per_canvas=[[len(out)] for _ in range(b)], decoder_passes=[len(out)] * b,

@@ -152,53 +152,54 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     stats = GenerationStats(passes_per_canvas=[[] for _ in range(b)])
     committed: list[torch.Tensor] = []
 
-    for ci in range(n_canvases):
-        # a committed canvas is encoded in the next canvas's first decoder pass (eager path: the same numbers,
-        # one pass fewer); the prompt, and every commit on the static path, get a pass of their own
-        fused_commit = ci > 0 and static is None and model.commit_fusable(b, pending.shape[1], c)
-        if not fused_commit:
-            model.encode(pending, cache, valid)
-        if static is not None:
-            denoise.prepare()
-        canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
-        first_given = ci == 0 and start is not None
-        if first_given:
-            canvas = start.tokens.to(device)
-        fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
-        state = CanvasState.start(canvas, gen, fixed, model.dtype)
-        passes = torch.zeros(b, dtype=torch.long, device=device)
-        for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
-            passes += ~(state.done | finished)
-            if fused_commit and step == 1:
-                logits = model.commit_and_denoise(pending, state.canvas, cache)
-            else:
-                logits = denoise(state.canvas, self_cond_probs=state.self_cond)
-            accepted = denoise_update(state, logits, steps_left, gen, rng)
-            yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
-            if bool(state.done.all()):
+    with model.vocab_session():  # LM head and expected embedding on a transposed copy (CPU, same bits)
+        for ci in range(n_canvases):
+            # a committed canvas is encoded in the next canvas's first decoder pass (eager path: the same numbers,
+            # one pass fewer); the prompt, and every commit on the static path, get a pass of their own
+            fused_commit = ci > 0 and static is None and model.commit_fusable(b, pending.shape[1], c)
+            if not fused_commit:
+                model.encode(pending, cache, valid)
+            if static is not None:
+                denoise.prepare()
+            canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
+            first_given = ci == 0 and start is not None
+            if first_given:
+                canvas = start.tokens.to(device)
+            fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
+            state = CanvasState.start(canvas, gen, fixed, model.dtype)
+            passes = torch.zeros(b, dtype=torch.long, device=device)
+            for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
+                passes += ~(state.done | finished)
+                if fused_commit and step == 1:
+                    logits = model.commit_and_denoise(pending, state.canvas, cache)
+                else:
+                    logits = denoise(state.canvas, self_cond_probs=state.self_cond)
+                accepted = denoise_update(state, logits, steps_left, gen, rng)
+                yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
+                if bool(state.done.all()):
+                    break
+
+            draft = state.draft
+            tokens = draft.masked_fill(finished[:, None], pad)
+            tokens, has_eos = _pad_after_eos(tokens, eos, pad)
+            finished |= has_eos
+            total_passes += passes
+            for r in range(b):
+                stats.passes_per_canvas[r].append(int(passes[r]))
+            committed.append(tokens)
+            if ci == 0:
+                stats.first_canvas_s = time.perf_counter() - t0
+            yield CanvasCommit(ci, tokens, finished.clone(), passes)
+            if bool(finished.all()):
                 break
+            pending, valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
 
-        draft = state.draft
-        tokens = draft.masked_fill(finished[:, None], pad)
-        tokens, has_eos = _pad_after_eos(tokens, eos, pad)
-        finished |= has_eos
-        total_passes += passes
-        for r in range(b):
-            stats.passes_per_canvas[r].append(int(passes[r]))
-        committed.append(tokens)
-        if ci == 0:
-            stats.first_canvas_s = time.perf_counter() - t0
-        yield CanvasCommit(ci, tokens, finished.clone(), passes)
-        if bool(finished.all()):
-            break
-        pending, valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
-
-    out = torch.cat(committed, dim=1)
-    stats.new_tokens = (out != pad).sum(dim=1).tolist()
-    stats.decoder_passes = total_passes.tolist()
-    stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
-    stats.wall_time_s = time.perf_counter() - t0
-    yield GenerationResult(out.tolist(), stats)
+        out = torch.cat(committed, dim=1)
+        stats.new_tokens = (out != pad).sum(dim=1).tolist()
+        stats.decoder_passes = total_passes.tolist()
+        stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
+        stats.wall_time_s = time.perf_counter() - t0
+        yield GenerationResult(out.tolist(), stats)
 
 
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,

@@ -20,16 +20,21 @@ _CONSTANTS: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _norm_constants(eps: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 0-dim CPU tensors (eps, dim) for `rms_norm` on the CPU; `RMSNorm` makes its own when it is built (a
-    TorchScript trace that made them would make them again on every replay)."""
-    if (eps, dim) not in _CONSTANTS:
-        _CONSTANTS[eps, dim] = tuple(torch.tensor(v, dtype=torch.float32, device="cpu") for v in (eps, float(dim)))
-    return _CONSTANTS[eps, dim]
+    TorchScript trace that made them would make them again on every replay). Plain tensors only are kept: made
+    outside inference mode (training may use them later), and not under a fake-tensor or other dispatch mode."""
+    made = _CONSTANTS.get((eps, dim))
+    if made is None:
+        with torch.inference_mode(False):
+            made = tuple(torch.tensor(v, dtype=torch.float32, device="cpu") for v in (eps, float(dim)))
+        if all(type(t) is torch.Tensor for t in made):
+            _CONSTANTS[eps, dim] = made
+    return made
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     # the dtype round trips only where they convert: a small model's pass runs ~70 norms, each op a dispatch
     xf = x if x.dtype == torch.float32 else x.float()
-    if xf.device.type == "cpu":
+    if type(xf) is torch.Tensor and xf.device.type == "cpu":  # plain CPU tensors (not fake or other subclasses)
         # `mean` is a sum divided by the count, and a Python `eps` is wrapped into a tensor and converted on every
         # call: with both as fp32 tensors the same arithmetic runs without those conversions (same bits)
         eps_t, count = _norm_constants(eps, int(xf.shape[-1]))  # int(): a traced size is a tensor
@@ -204,7 +209,9 @@ class Experts(nn.Module):
         # end of each expert's group (= cumsum of bincount, without bincount's host sync on CUDA)
         offsets = torch.searchsorted(sorted_ids, torch.arange(self.num_experts, device=ids.device), right=True,
                                      out_int32=True)
-        routed = x.index_select(0, order // k)
+        # index_select copies the same rows with less overhead; its backward sums the k copies of a row in another
+        # order than indexing's, so under autograd the indexing stays (gradients keep their bits)
+        routed = x[order // k] if torch.is_grad_enabled() else x.index_select(0, order // k)
         if self.kernel is not None:
             gate, up = self.kernel.gate_up(routed, offsets).chunk(2, dim=-1)
             out = self.kernel.down(KERNELS["gelu_mul"](gate, up), offsets)

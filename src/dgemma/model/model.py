@@ -78,6 +78,12 @@ class DiffusionGemmaModel(nn.Module):
     def trace_passes(self, on: bool) -> None:
         self._passes.enabled = bool(on)
 
+    def vocab_session(self):
+        """Context in which the LM head and the expected embedding may run on a transposed copy of the embedding
+        matrix (CPU, fp32, inference; same bits, `dgemma.model.vocab`), made on first use and dropped on exit.
+        Generation opens one around its loop; the weights must not change inside it."""
+        return self._vocab.session()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype

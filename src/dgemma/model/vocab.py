@@ -5,14 +5,18 @@ With E stored row-major, the LM head hands MKL a transposed operand and the expe
 For the shapes of a pass (tens to hundreds of rows against a 4096-entry vocabulary) both run 10-20% faster the
 other way round, on a contiguous copy of E^T [H, V] — with the same bits on the machines tried, because MKL
 accumulates each output element over H (or V) in the same order either way. That is a property of the BLAS
-library, not a contract, so it is checked once per row count, thread count and dtype on random inputs, and
-where it does not hold the products run on E as before.
+library, not a contract, so it is checked once per row count, thread count and shape on random inputs, and
+where it does not hold the products run on E as before (one-row products, for instance).
 
-The copy follows the weight: it is rebuilt when E is replaced or updated in place (the tensor's version
-counter), and it is only used for inference on the CPU (not under autograd), for matrices up to `MAX_ELEMENTS`.
+A copy can go stale: not every write to E moves its version counter (`param.data.mul_(...)`, fused optimizers,
+a freed and reused address). So the copy only lives inside a `session()`, which generation opens around its
+loop (the weights do not change while a generation runs) and which drops the copy when it closes; outside one,
+and under autograd, on other devices and dtypes, or for matrices over `MAX_ELEMENTS`, the products run on E.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +27,10 @@ MAX_ELEMENTS = 1 << 26  # 256 MB of fp32: a full-size vocabulary (262k x 2816) k
 class VocabMatmuls:
     def __init__(self):
         self.enabled = True
+        self._sessions = 0  # open sessions; the copy is kept while any is open
         self._copy: torch.Tensor | None = None
-        self._key: tuple | None = None  # (data_ptr, version, shape, dtype) of E when the copy was made
-        self._same: dict[tuple, bool] = {}  # (which, rows, threads, dtype) -> do the two ways agree bit for bit
+        self._key: tuple | None = None  # (data_ptr, version, shape) of E when the copy was made, within a session
+        self._same: dict[tuple, bool] = {}  # (which, rows, threads, shape) -> do the two ways agree bit for bit
 
     def __deepcopy__(self, memo):
         copied = VocabMatmuls()
@@ -39,6 +44,17 @@ class VocabMatmuls:
         self.__init__()
         self.enabled = state["enabled"]
 
+    @contextmanager
+    def session(self):
+        """Inside: the products may run on a copy of E^T, made on first use; E must not change in between."""
+        self._sessions += 1
+        try:
+            yield
+        finally:
+            self._sessions -= 1
+            if self._sessions == 0:
+                self._copy = self._key = None
+
     def head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] @ E^T -> [..., V], as `F.linear(hidden, E)` computes it."""
         wt = self._transposed(weight, "head", hidden)
@@ -50,18 +66,18 @@ class VocabMatmuls:
         return torch.matmul(probs, weight) if wt is None else F.linear(probs, wt)
 
     def _transposed(self, weight: torch.Tensor, which: str, x: torch.Tensor) -> torch.Tensor | None:
-        if (not self.enabled or weight.device.type != "cpu" or weight.dtype != torch.float32
+        if (not (self.enabled and self._sessions) or weight.device.type != "cpu" or weight.dtype != torch.float32
                 or x.dtype != weight.dtype or torch.is_grad_enabled() or weight.numel() > MAX_ELEMENTS):
             return None
         try:
             version = weight._version
-        except RuntimeError:  # an inference-mode tensor keeps no version counter: an in-place update would go unseen
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
             return None
-        key = (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
+        key = (weight.data_ptr(), version, tuple(weight.shape))
         if key != self._key:
             self._copy, self._key = weight.detach().t().contiguous(), key
         rows = x.numel() // x.shape[-1]
-        check = (which, rows, torch.get_num_threads(), weight.dtype)
+        check = (which, rows, torch.get_num_threads(), tuple(weight.shape))
         if check not in self._same:
             self._same[check] = _agree(which, weight.detach(), self._copy, rows)
         return self._copy if self._same[check] else None
