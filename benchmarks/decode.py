@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eos = list(gen_cfg.eos_token_id or []) if args.eos else []
         pad = gen_cfg.pad_token_id
         if args.prompts == "humaneval":
-            ids, extra_prompts = humaneval_prompts(model, args.batch, args.prompt_len)
+            ids, task_ids = humaneval_prompts(model, args.batch, args.prompt_len)
         else:
-            extra_prompts = None
+            task_ids = None
             ids = make_prompts(args.batch, args.prompt_len, cfg.text_config.vocab_size, gen_cfg.bos_token_id,
                                args.seed)
 
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "settings": {
             "batch": args.batch, "prompt_len": args.prompt_len, "prompts": args.prompts,
-            "humaneval_tasks": extra_prompts,
+            "humaneval_tasks": task_ids,
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
             "seed": args.seed, "eos_token_id": eos, "dtype": args.dtype, "device": args.device,

@@ -291,8 +291,7 @@ class DiffusionGemmaModel(nn.Module):
 
         def attend(i, kind, proj, h, cos, sin):
             q, k, v = proj.qkv(h, cos, sin)
-            keys, values = context.decoder_keys_values(i, k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[kind], scale=1.0, enable_gqa=True)
+            out = _attend(q, k, v, *context.kv[i], masks[kind])[0]
             return proj.o_proj(out.transpose(1, 2).reshape(b, c, -1))
 
         return self.logits(self._stack(x, context.canvas_positions(c), attend, decoder=True))
@@ -407,6 +406,3 @@ class SequenceKV:
         keep = torch.cat([keep, torch.ones(keep.shape[0], c, dtype=torch.bool, device=keep.device)], dim=1)
         return keep[:, None, None, :]
 
-    def decoder_keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        keys, values = self.kv[layer]
-        return torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)

@@ -73,18 +73,21 @@ class VocabMatmuls:
             version = weight._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
             return None
-        key = (weight.data_ptr(), version, tuple(weight.shape))
-        if key != self._key:
-            self._copy, self._key = weight.detach().t().contiguous(), key
         rows = x.numel() // x.shape[-1]
         check = (which, rows, torch.get_num_threads(), tuple(weight.shape))
         if check not in self._same:
-            self._same[check] = _agree(which, weight.detach(), self._copy, rows)
-        return self._copy if self._same[check] else None
+            self._same[check] = _agree(which, weight.detach(), rows)
+        if not self._same[check]:  # e.g. one-row products (AR steps): no copy is made for them
+            return None
+        key = (weight.data_ptr(), version, tuple(weight.shape))
+        if key != self._key:
+            self._copy, self._key = weight.detach().t().contiguous(), key
+        return self._copy
 
 
-def _agree(which: str, weight: torch.Tensor, wt: torch.Tensor, rows: int) -> bool:
+def _agree(which: str, weight: torch.Tensor, rows: int) -> bool:
     g = torch.Generator().manual_seed(0)
+    wt = weight.t().contiguous()
     v, h = weight.shape
     if which == "head":
         x = torch.randn(rows, h, generator=g, dtype=weight.dtype)
