@@ -111,3 +111,21 @@ def test_float64_probabilities_are_checked_and_drawn_on_their_own(fresh):
         got = mn.multinomial_rows(probs, rows, g)
         assert torch.equal(got[rows], want[rows]) and torch.equal(g.get_state(), state)
     assert mn._verified == {torch.float64: True}
+
+
+def test_skip_advances_the_generator_as_float64_uniforms(monkeypatch):
+    monkeypatch.setattr(mn, "_SKIP_DTYPE", None)  # checked again here
+    assert mn._skip_dtype() == torch.int64  # PyTorch's CPU kernels as they are: the cheap skip is taken
+    for n in (1, 623, 625, mn._SCRATCH + 7):
+        a, b = torch.Generator().manual_seed(n), torch.Generator().manual_seed(n)
+        torch.empty(n, dtype=torch.float64).uniform_(generator=a)
+        mn._skip(b, n)
+        assert torch.equal(a.get_state(), b.get_state())
+    real = torch.Tensor.random_
+
+    def random_32_bits(self, generator=None):  # one 32-bit word per element, as int32's random_ takes
+        return self.copy_(real(torch.empty(self.shape, dtype=torch.int32), generator=generator))
+
+    monkeypatch.setattr(torch.Tensor, "random_", random_32_bits)
+    monkeypatch.setattr(mn, "_SKIP_DTYPE", None)
+    assert mn._skip_dtype() == torch.float64  # a random_ that consumes otherwise is not used
