@@ -255,6 +255,17 @@ def summarize(system: System, pad: int | None) -> dict[str, Any]:
     }
 
 
+def paired(a: System, b: System, pad: int | None) -> dict[str, Any]:
+    """tokens/s of `a` over `b` round by round: the systems run interleaved, so a drift of the machine's speed
+    over minutes (10-25% on a shared VM) moves both sides of a round's ratio alike, while a ratio of medians
+    taken over different minutes carries it."""
+    def rate(r: Run) -> float:
+        return (int((r.tokens != pad).sum()) if pad is not None else r.tokens.numel()) / r.wall_s
+
+    ratios = [rate(ra) / rate(rb) for ra, rb in zip(a.runs, b.runs)]
+    return {"per_round": ratios, "median": median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def markdown(result: dict[str, Any]) -> str:
     def f(x, spec):
         return "–" if x is None else format(x, spec)
@@ -278,7 +289,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {f(r['tokens_per_s'], '.1f')} | {f(r['wall_s'], '.3f')} | "
                      f"{f(r['passes_per_canvas'], '.2f')} | {f(r['tokens_per_forward'], '.2f')} | {first_s} | "
                      f"{r['new_tokens']} |")
-    lines += ["", f"identical_tokens (dgemma vs transformers): {json.dumps(result['identical_tokens'])}",
+    lines.append("")
+    for name, r in (result["paired_speedup"] or {}).items():
+        lines.append(f"{name.replace('_vs_', ' / ')} per round: median {r['median']:.2f}x "
+                     f"(min {r['min']:.2f}, max {r['max']:.2f})")
+    lines += [f"identical_tokens (dgemma vs transformers): {json.dumps(result['identical_tokens'])}",
               f"note: {result['note']}"]
     return "\n".join(lines)
 
@@ -373,7 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     note = (f"{stop_note}; {eos_note}; tokens/s = generated non-pad tokens summed over the batch / median wall "
             "seconds of the whole generate call (prompt encoding included); dgemma_ar is greedy, one token per "
             f"forward, so its passes_per_canvas is forward passes per {cfg.canvas_length} generated tokens "
-            "and it reports first_token_s instead of first_canvas_s")
+            "and it reports first_token_s instead of first_canvas_s; paired_speedup = tokens/s ratios within each "
+            "round of the interleaved runs (robust to the machine's drift), speedup_vs_transformers = ratio of "
+            "the medians")
     if identical is False:
         note += (f"; dgemma and transformers differ in {mismatched} token(s): both draw the same random numbers, "
                  "but a last-bit fp32 difference in a decoder pass (reduction order depends on the thread count, "
@@ -384,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         note += f"; transformers row skipped: {skipped['transformers']}"
 
     speed = {k: v["tokens_per_s"] for k, v in results.items() if "tokens_per_s" in v}
+    pairs = {f"dgemma_vs_{other}": paired(by_name["dgemma"], by_name[other], pad)
+             for other in ("transformers", "dgemma_ar") if "dgemma" in speed and other in speed}
     result = {
         "machine": machine_info(args.device),
         "model": {
@@ -408,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mismatched_tokens": mismatched,
         "speedup_vs_transformers": ({k: v / speed["transformers"] for k, v in speed.items()}
                                     if "transformers" in speed else None),
+        "paired_speedup": pairs or None,
         "note": note,
     }
     if args.json:
