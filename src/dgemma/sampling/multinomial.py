@@ -62,14 +62,17 @@ def _skip(gen: torch.Generator, n: int) -> None:
     scratch = torch.empty(min(n, _SCRATCH), dtype=_skip_dtype())
     while n > 0:
         k = min(n, scratch.numel())
-        scratch[:k].random_(generator=gen) if scratch.dtype == torch.int64 else scratch[:k].uniform_(generator=gen)
+        if scratch.dtype == torch.int64:
+            scratch[:k].random_(generator=gen)
+        else:
+            scratch[:k].uniform_(generator=gen)
         n -= k
 
 
 def _skip_dtype() -> torch.dtype:
     """int64 where `random_` on it advances a generator exactly as float64 `uniform_` does (both take 64 random
     bits per element; `random_` ~30% faster as it does no arithmetic on them), else float64; checked once per
-    process on a copy of a generator, over a few of the Mersenne Twister's 624-word refills."""
+    process on two fresh generators, over a few of the Mersenne Twister's 624-word refills."""
     global _SKIP_DTYPE
     if _SKIP_DTYPE is None:
         a, b = torch.Generator().manual_seed(12345), torch.Generator().manual_seed(12345)
