@@ -129,3 +129,36 @@ def test_skip_advances_the_generator_as_float64_uniforms(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "random_", random_32_bits)
     monkeypatch.setattr(mn, "_SKIP_DTYPE", None)
     assert mn._skip_dtype() == torch.float64  # a random_ that consumes otherwise is not used
+
+
+@pytest.mark.parametrize("bad,why", [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf"),
+                                     (-0.25, "negative")])
+def test_every_kind_of_invalid_row_raises_and_leaves_the_generator(fresh, bad, why):
+    probs = _probs(40, 30, 1)
+    rows = torch.zeros(40, dtype=torch.bool)
+    rows[[3, 17]] = True
+    mn.multinomial_rows(probs, rows)  # the checking call
+    probs[17, 4] = bad
+    g = torch.Generator().manual_seed(2)
+    state = g.get_state()
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        mn.multinomial_rows(probs, rows, g)
+    assert torch.equal(g.get_state(), state), why
+    zero = _probs(40, 30, 1)
+    zero[3] = 0.0
+    with pytest.raises(RuntimeError, match="sum of probabilities <= 0"):
+        mn.multinomial_rows(zero, rows, g)
+
+
+def test_rows_whose_sum_overflows_are_still_drawn(fresh):
+    probs = torch.full((3, 4), 3e38)  # valid for torch.multinomial, but each row's sum overflows to inf
+    rows = torch.tensor([True, False, True])
+    mn.multinomial_rows(_probs(3, 4, 0), rows)  # the checking call
+    g = torch.Generator().manual_seed(9)
+    want = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    after = g.get_state()
+    g.manual_seed(9)
+    global_state = torch.get_rng_state()
+    got = mn.multinomial_rows(probs, rows, g)
+    assert torch.equal(got[rows], want[rows]) and torch.equal(g.get_state(), after)
+    assert torch.equal(torch.get_rng_state(), global_state)  # no stray draw from torch's own generator

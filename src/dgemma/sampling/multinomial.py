@@ -94,7 +94,7 @@ def _draw(probs: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torc
         _skip(gen, n * v)
         return out
     p = probs.index_select(0, picked)
-    if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p.sum(-1) > 0).all()):
+    if not _plainly_valid(p) and _invalid(p):
         torch.multinomial(p, 1)  # raises the reference's error for invalid probabilities
     # the used rows' uniforms, drawn a span of rows at a time: the rows between used ones inside a span are
     # drawn too (skipping them would cost as much), spans at most a scratch buffer long, skips between spans
@@ -116,6 +116,19 @@ def _draw(probs: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torc
     q = torch.log1p(u.neg_()).neg_().to(probs.dtype)
     out[picked] = torch.div(p, q).argmax(dim=-1)
     return out
+
+
+def _plainly_valid(p: torch.Tensor) -> bool:
+    """Cheap sufficient test that rows [N, V] are valid probabilities: every row sum finite and positive (a NaN or
+    an infinity makes its row's sum non-finite) and no entry negative. Rows it does not clear (a sum that
+    overflows, say) go to `_invalid`."""
+    sums = p.sum(-1)
+    return bool(torch.isfinite(sums).all()) and bool((sums > 0).all()) and bool(p.amin() >= 0)
+
+
+def _invalid(p: torch.Tensor) -> bool:
+    """Whether `torch.multinomial` rejects rows [N, V]: a non-finite or negative entry, or a row summing to 0."""
+    return not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or not bool((p.sum(-1) > 0).all())
 
 
 def _check(probs: torch.Tensor, gen: torch.Generator) -> tuple[bool, torch.Tensor | None]:
