@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, median, timed  # noqa: E402
@@ -187,7 +188,10 @@ def build_systems(args, path: Path, model: DiffusionGemma, ids: torch.Tensor, eo
             if not args.one_at_a_time:
                 return call(device_ids)
             parts = [call(device_ids[i:i + 1]) for i in range(device_ids.shape[0])]
-            return Run(torch.cat([r.tokens for r in parts]), sum(r.wall_s for r in parts),
+            width = max(r.tokens.shape[1] for r in parts)  # with --eos a call may stop canvases early
+            tokens = torch.cat([F.pad(r.tokens, (0, width - r.tokens.shape[1]), value=pad if pad is not None else 0)
+                                for r in parts])
+            return Run(tokens, sum(r.wall_s for r in parts),
                        [x for r in parts for x in r.passes], [x for r in parts for x in r.passes_per_canvas],
                        [x for r in parts for x in r.tokens_per_forward], parts[0].first_canvas_s, parts[0].first_token_s)
         return run
