@@ -69,3 +69,37 @@ def test_per_position_in_blocks_gives_the_whole_canvas_bits(cond_dtype, monkeypa
     whole = step.per_position(logits, 0.7, cond_dtype)
     assert all(torch.equal(a, b) for a, b in zip(blocked, whole))
     assert torch.equal(whole[0], (logits / 0.7).argmax(-1))
+
+
+@pytest.mark.parametrize("cond_dtype,do_sample,emulated", [(torch.float32, True, True), (torch.bfloat16, True, True),
+                                                           (torch.float32, False, True), (torch.float32, True, False),
+                                                           (torch.bfloat16, True, False)])
+def test_update_from_the_rows_still_denoising_equals_the_whole_batch_update(cond_dtype, do_sample, emulated,
+                                                                            monkeypatch):
+    """`denoise_update(..., rows=...)` with the logits of the rows that have not stopped gives the state, the
+    accepted mask and the generator state that the update from every row's logits gives — also where the draw
+    falls back to `torch.multinomial` over every row (the stopped rows' probabilities must then be valid)."""
+    from dgemma.config import GenerationConfig
+    from dgemma.sampling import multinomial
+    from dgemma.sampling.step import CanvasState, denoise_update
+
+    monkeypatch.setattr(multinomial, "_verified", {torch.float32: emulated})
+
+    g = torch.Generator().manual_seed(1)
+    b, c, v = 6, 40, 50  # 240 positions: several blocks, runs of rows split across them
+    gen = GenerationConfig(max_denoising_steps=8, do_sample=do_sample, entropy_bound=2.0)
+    logits = torch.randn(b, c, v, generator=g) * 3
+    canvas, draft = torch.randint(0, v, (2, b, c), generator=g)
+    self_cond = torch.softmax(torch.randn(b, c, v, generator=g), -1)
+    done = torch.tensor([False, True, False, False, True, True])
+    rows = (~done).nonzero().flatten()
+    ends = []
+    for part in (False, True):
+        state = CanvasState.start(canvas, gen, cond_dtype=cond_dtype)
+        state.draft, state.self_cond, state.done = draft, self_cond.clone(), done.clone()
+        torch.manual_seed(4)
+        accepted = denoise_update(state, logits[rows] if part else logits, 5, gen, CanvasRNG(), rows if part else None)
+        ends.append((state.canvas, state.draft, state.self_cond, state.done, accepted, torch.get_rng_state()))
+    for whole, part in zip(*ends):
+        assert torch.equal(whole, part)
+    assert not ends[1][4][done].any()  # a stopped row accepts nothing

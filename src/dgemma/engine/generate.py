@@ -170,11 +170,18 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             passes = torch.zeros(b, dtype=torch.long, device=device)
             for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
                 passes += ~(state.done | finished)
+                rows = None
                 if fused_commit and step == 1:
                     logits = model.commit_and_denoise(pending, state.canvas, cache)
                 else:
-                    logits = denoise(state.canvas, self_cond_probs=state.self_cond)
-                accepted = denoise_update(state, logits, steps_left, gen, rng)
+                    # rows that stopped early ride along in the pass (leaving them out would change how the others'
+                    # expert groups round), but their logits and sampling work are skipped where that is exact
+                    if static is None:
+                        rows = _still_denoising(model, state.done, c)
+                        logits = denoise(state.canvas, self_cond_probs=state.self_cond, rows=rows)
+                    else:  # fixed shapes: every row's logits
+                        logits = denoise(state.canvas, self_cond_probs=state.self_cond)
+                accepted = denoise_update(state, logits, steps_left, gen, rng, rows)
                 yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
                 if bool(state.done.all()):
                     break
@@ -200,6 +207,14 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
         stats.wall_time_s = time.perf_counter() - t0
         yield GenerationResult(out.tolist(), stats)
+
+
+def _still_denoising(model: DiffusionGemmaModel, done: torch.Tensor, canvas: int) -> torch.Tensor | None:
+    """The rows whose logits a pass needs, when some rows have stopped and leaving those out keeps every bit."""
+    if not bool(done.any()):
+        return None
+    rows = (~done).nonzero().flatten()
+    return rows if model.head_rows_exact(rows.numel() * canvas, done.numel() * canvas) else None
 
 
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,

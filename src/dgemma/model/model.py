@@ -54,6 +54,7 @@ class DiffusionGemmaModel(nn.Module):
         # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
+        self._head_rows: dict[tuple, bool] = {}  # head_rows_exact's answers
         self._passes = TracedPasses(self)
         self._vocab = VocabMatmuls()  # the LM head and the expected embedding on a transposed copy (CPU)
 
@@ -267,14 +268,31 @@ class DiffusionGemmaModel(nn.Module):
             self._fusable[key] = _rows_round_alike(self, batch, committed, canvas)
         return self._fusable[key]
 
+    def head_rows_exact(self, rows: int, of: int) -> bool:
+        """Whether the LM head over `rows` of a pass's `of` positions rounds each of them as over all `of` (so the
+        logits of rows that stopped early can be left out, `denoise(rows=...)`). MKL does for products of 12 rows
+        or more on the CPUs tried, not for fewer: a property of the BLAS library, so it is checked once per pair
+        of sizes, thread count, device and dtype on random inputs and a scattered choice of rows."""
+        key = (rows, of, torch.get_num_threads(), self.device, self.dtype)
+        if key not in self._head_rows:
+            w = self.embed_tokens.weight.detach()
+            g = torch.Generator(device=w.device).manual_seed(0)
+            x = torch.randn(of, w.shape[1], generator=g, device=w.device).to(w.dtype)
+            pick = torch.randperm(of, generator=g, device=w.device)[:rows].sort().values
+            self._head_rows[key] = torch.equal(F.linear(x.index_select(0, pick), w), F.linear(x, w)[pick])
+        return self._head_rows[key]
+
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
-                self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None) -> torch.Tensor:
+                self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over `canvas` [B, C] reading `context` (the KV cache at inference, the encoder's
         keys/values of whole sequences in training); returns fp32 logits [B, C, V].
 
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
         `self_cond_probs` may be given instead: their fp32 softmax, which the sampler has computed already.
-        `self_cond_mask` [B] zeroes the signal for some rows (training).
+        `self_cond_mask` [B] zeroes the signal for some rows (training). `rows` [A] (KV cache only): the logits
+        of these batch rows only, [A, C, V] — the rest of the pass is the same, only the LM head and the soft-cap
+        skip the other rows (see `head_rows_exact`).
         """
         soft = None
         if self_cond_logits is not None:
@@ -284,7 +302,10 @@ class DiffusionGemmaModel(nn.Module):
         if soft is not None and self_cond_mask is not None:
             soft = soft * self_cond_mask.to(soft.dtype)[:, None, None]
         if isinstance(context, KVCache):
-            return self.logits(self.forward(canvas, context, None, True, soft))
+            hidden = self.forward(canvas, context, None, True, soft)
+            return self.logits(hidden if rows is None else hidden.index_select(0, rows))
+        if rows is not None:
+            raise ValueError("denoise(rows=...) needs a KVCache context")
         b, c = canvas.shape
         x = self.self_conditioning(self.embed(canvas), soft)
         masks = {kind: context.decoder_mask(kind, c) for kind in set(self.text.layer_types)}

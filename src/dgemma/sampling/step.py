@@ -41,33 +41,54 @@ class CanvasState:
                    fixed if has_fixed else None, canvas if has_fixed else None, cond_dtype)
 
 
-def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype = torch.float32
+def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype = torch.float32,
+                 rows: torch.Tensor | None = None, batch: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The vocabulary-wide work of a step, per canvas position: argmax [B, C], probabilities [B, C, V] and
     entropy [B, C] of the temperature-scaled logits, and the next pass's self-conditioning input (the same
     probabilities, or in a bf16/fp16 model those of the logits rounded to its dtype, as the reference hands
     them over).
 
+    With `rows` [A] (ascending), `logits` [A, C, V] are those batch rows of a `batch`-row canvas: the outputs are
+    still batch-sized, and the other rows are left uninitialised (entropy: 0) for the caller to fill.
+
     On the CPU a block of positions at a time: a block's [positions, V] temporaries stay in the core's cache,
     which makes this 2-3x faster than whole-canvas ops (a 256 x 4096 fp32 canvas is 4 MiB per temporary) with
     the same bits, every op being per position."""
-    b, c, v = logits.shape
+    a, c, v = logits.shape
+    b = a if rows is None else batch
     flat = logits.reshape(-1, v)
-    n = flat.shape[0]
-    block = n if flat.is_cuda else _BLOCK
-    if block >= n:
+    n = b * c
+    if rows is None and (flat.is_cuda or n <= _BLOCK):
         draft, probs, entropy, cond = _positions(flat, temperature, cond_dtype)
-    else:
-        draft = torch.empty(n, dtype=torch.long, device=flat.device)
-        entropy = torch.empty(n, dtype=torch.float32, device=flat.device)
-        probs = torch.empty(n, v, dtype=torch.float32, device=flat.device)
-        cond = probs if cond_dtype == torch.float32 else torch.empty_like(probs)
-        for i in range(0, n, block):
-            rows = slice(i, i + block)
-            draft[rows], probs[rows], entropy[rows], block_cond = _positions(flat[rows], temperature, cond_dtype)
-            if cond is not probs:
-                cond[rows] = block_cond
+        return draft.view(b, c), probs.view(b, c, v), entropy.view(b, c), cond.view(b, c, v)
+    draft = torch.empty(n, dtype=torch.long, device=flat.device)
+    entropy = (torch.empty if rows is None else torch.zeros)(n, dtype=torch.float32, device=flat.device)
+    probs = torch.empty(n, v, dtype=torch.float32, device=flat.device)
+    cond = probs if cond_dtype == torch.float32 else torch.empty_like(probs)
+    block = flat.shape[0] if flat.is_cuda else _BLOCK
+    for src, dst in _blocks(rows, a, c, block):
+        draft[dst], probs[dst], entropy[dst], block_cond = _positions(flat[src], temperature, cond_dtype)
+        if cond is not probs:
+            cond[dst] = block_cond
     return draft.view(b, c), probs.view(b, c, v), entropy.view(b, c), cond.view(b, c, v)
+
+
+def _blocks(rows: torch.Tensor | None, a: int, c: int, block: int):
+    """(source, destination) slices of flat positions, at most `block` long: runs of consecutive batch rows of
+    `rows` (all `a` rows when None) map to the same runs in the batch-sized outputs."""
+    runs = [(0, 0, a)] if rows is None else []
+    if rows is not None:
+        ids = rows.tolist()
+        start = 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or ids[i] != ids[i - 1] + 1:
+                runs.append((start, ids[start], i - start))
+                start = i
+    for src_row, dst_row, count in runs:
+        for off in range(0, count * c, block):
+            size = min(block, count * c - off)
+            yield slice(src_row * c + off, src_row * c + off + size), slice(dst_row * c + off, dst_row * c + off + size)
 
 
 def _positions(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype
@@ -83,16 +104,25 @@ _BLOCK = 64  # positions per block on the CPU (fastest of 32..256 on a 2-core EP
 
 
 def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, gen: GenerationConfig,
-                   rng: CanvasRNG) -> torch.Tensor:
-    """Advance `state` by one pass given its logits [B, C, V]; returns the accepted mask [B, C].
+                   rng: CanvasRNG, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Advance `state` by one pass given its logits [B, C, V]; returns the accepted mask [B, C] (none in rows
+    that had stopped before this pass).
 
     The random draws are the reference's (a categorical sample at every position, then noise tokens), but
-    the sample is only computed where it is kept: accepted positions of rows still denoising.
+    the sample is only computed where it is kept: accepted positions of rows still denoising. With `rows` [A]
+    (ascending, every row not yet stopped), `logits` [A, C, V] are those rows' only: the rows that stopped keep
+    their state as they would anyway, and the generator advances as if they had been sampled.
     """
-    b, c, vocab = logits.shape
+    b, c = state.canvas.shape
+    vocab = logits.shape[-1]
     fixed, done = state.fixed, state.done
     temperature = linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
-    draft, probs, entropy, cond = per_position(logits, temperature, state.cond_dtype)
+    draft, probs, entropy, cond = per_position(logits, temperature, state.cond_dtype, rows, b)
+    stopped = bool(done.any())
+    if stopped:  # rows that already stopped keep their self-conditioning input; before sampling, which may read
+        cond[done] = state.self_cond[done]  # every row (in place, those rows only: `cond` is this step's fresh tensor)
+        if rows is not None and cond.data_ptr() != probs.data_ptr():  # (fp32: they are one tensor)
+            probs[done] = 1.0  # any valid weights: these rows' draws are skipped, only the generator advances
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
     accepted = accept_by_entropy(entropy, gen.entropy_bound)
@@ -110,11 +140,10 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
         mean_entropy = entropy.sum(-1) / (~fixed).sum(-1).clamp(min=1)
     else:
         mean_entropy = entropy.mean(dim=-1)
-    if done.any():  # rows that already stopped keep their state
+    if stopped:  # rows that already stopped keep their state
         draft = torch.where(done[:, None], state.draft, draft)
         canvas = torch.where(done[:, None], state.canvas, canvas)
-        cond[done] = state.self_cond[done]  # in place, those rows only: `cond` is this step's fresh tensor
         mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
     state.done = done | state.stopper(draft, mean_entropy)
     state.canvas, state.draft, state.self_cond = canvas, draft, cond
-    return accepted
+    return accepted & ~done[:, None] if stopped else accepted  # a row that had stopped accepts nothing
