@@ -147,3 +147,29 @@ def test_invalid_prompts_raise_clear_errors(tiny, ids, message):
     with pytest.raises(ConfigError) as e:
         tiny.generate(input_ids=ids, max_new_tokens=32)
     assert message in str(e.value)
+
+
+def test_generation_leaves_stopped_rows_logits_out_only_where_the_check_allows(monkeypatch):
+    """With `head_rows_exact` saying no, every pass computes every row's logits; the tokens are the same."""
+    from pathlib import Path
+
+    model = dgemma.DiffusionGemma.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "dgemma-code-tiny")
+    subsets = []
+    real = model.model.denoise
+
+    def spy(*args, rows=None, **kwargs):
+        subsets.append(rows is not None)
+        return real(*args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(model.model, "denoise", spy)
+    ids = torch.randint(3, 4096, (4, 12), generator=torch.Generator().manual_seed(0))
+    prompts = torch.cat([torch.full((4, 1), 2), ids], dim=1)
+    outs = []
+    for allowed in (True, False):
+        monkeypatch.setattr(model.model, "head_rows_exact", lambda rows, of, allowed=allowed: allowed)
+        subsets.clear()
+        torch.manual_seed(0)
+        outs.append(model.generate(input_ids=prompts, max_new_tokens=64, max_denoising_steps=12, eos_token_id=[]))
+        assert any(subsets) == allowed
+    assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
+    assert outs[0].stats.passes_per_canvas == outs[1].stats.passes_per_canvas

@@ -71,35 +71,42 @@ def test_per_position_in_blocks_gives_the_whole_canvas_bits(cond_dtype, monkeypa
     assert torch.equal(whole[0], (logits / 0.7).argmax(-1))
 
 
-@pytest.mark.parametrize("cond_dtype,do_sample,emulated", [(torch.float32, True, True), (torch.bfloat16, True, True),
-                                                           (torch.float32, False, True), (torch.float32, True, False),
-                                                           (torch.bfloat16, True, False)])
-def test_update_from_the_rows_still_denoising_equals_the_whole_batch_update(cond_dtype, do_sample, emulated,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("cond_dtype,do_sample,emulated,per_row,with_fixed,c", [
+    (torch.float32, True, True, False, False, 40), (torch.bfloat16, True, True, False, False, 40),
+    (torch.float32, False, True, False, False, 40), (torch.float32, True, False, False, False, 40),
+    (torch.bfloat16, True, False, False, False, 40), (torch.float32, True, True, True, False, 40),
+    (torch.float32, True, False, True, False, 40), (torch.float32, True, True, False, True, 97),
+])
+def test_update_from_the_rows_still_denoising_equals_the_whole_batch_update(cond_dtype, do_sample, emulated, per_row,
+                                                                            with_fixed, c, monkeypatch):
     """`denoise_update(..., rows=...)` with the logits of the rows that have not stopped gives the state, the
-    accepted mask and the generator state that the update from every row's logits gives — also where the draw
-    falls back to `torch.multinomial` over every row (the stopped rows' probabilities must then be valid)."""
+    accepted mask and the generator state(s) that the update from every row's logits gives — also where the draw
+    falls back to `torch.multinomial` over every row (the stopped rows' probabilities must then be valid), with a
+    generator per row, and with fixed (infilling) positions on a canvas that is not a whole number of blocks."""
     from dgemma.config import GenerationConfig
     from dgemma.sampling import multinomial
     from dgemma.sampling.step import CanvasState, denoise_update
 
     monkeypatch.setattr(multinomial, "_verified", {torch.float32: emulated})
-
     g = torch.Generator().manual_seed(1)
-    b, c, v = 6, 40, 50  # 240 positions: several blocks, runs of rows split across them
+    b, v = 6, 50  # 6 x c positions: several blocks, runs of rows split across them
     gen = GenerationConfig(max_denoising_steps=8, do_sample=do_sample, entropy_bound=2.0)
     logits = torch.randn(b, c, v, generator=g) * 3
     canvas, draft = torch.randint(0, v, (2, b, c), generator=g)
     self_cond = torch.softmax(torch.randn(b, c, v, generator=g), -1)
+    fixed = torch.rand(b, c, generator=g) < 0.3 if with_fixed else None
     done = torch.tensor([False, True, False, False, True, True])
     rows = (~done).nonzero().flatten()
     ends = []
     for part in (False, True):
-        state = CanvasState.start(canvas, gen, cond_dtype=cond_dtype)
+        state = CanvasState.start(canvas, gen, fixed, cond_dtype=cond_dtype)
         state.draft, state.self_cond, state.done = draft, self_cond.clone(), done.clone()
         torch.manual_seed(4)
-        accepted = denoise_update(state, logits[rows] if part else logits, 5, gen, CanvasRNG(), rows if part else None)
-        ends.append((state.canvas, state.draft, state.self_cond, state.done, accepted, torch.get_rng_state()))
+        gens = [torch.Generator().manual_seed(10 + i) for i in range(b)] if per_row else None
+        accepted = denoise_update(state, logits[rows] if part else logits, 5, gen, CanvasRNG(gens),
+                                  rows if part else None)
+        states = [x.get_state() for x in gens] if per_row else [torch.get_rng_state()]
+        ends.append((state.canvas, state.draft, state.self_cond, state.done, accepted, *states))
     for whole, part in zip(*ends):
         assert torch.equal(whole, part)
     assert not ends[1][4][done].any()  # a stopped row accepts nothing

@@ -210,8 +210,9 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
 
 
 def _still_denoising(model: DiffusionGemmaModel, done: torch.Tensor, canvas: int) -> torch.Tensor | None:
-    """The rows whose logits a pass needs, when some rows have stopped and leaving those out keeps every bit."""
-    if not bool(done.any()):
+    """The rows whose logits a pass needs, when some rows have stopped and leaving those out keeps every bit.
+    CPU only: a GPU's reductions (the entropy's sums) may split their work differently over fewer positions."""
+    if done.device.type != "cpu" or not bool(done.any()):
         return None
     rows = (~done).nonzero().flatten()
     return rows if model.head_rows_exact(rows.numel() * canvas, done.numel() * canvas) else None
