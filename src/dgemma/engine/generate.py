@@ -173,14 +173,13 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
                 rows = None
                 if fused_commit and step == 1:
                     logits = model.commit_and_denoise(pending, state.canvas, cache)
+                elif static is not None:  # fixed shapes: every row's logits
+                    logits = denoise(state.canvas, self_cond_probs=state.self_cond)
                 else:
                     # rows that stopped early ride along in the pass (leaving them out would change how the others'
                     # expert groups round), but their logits and sampling work are skipped where that is exact
-                    if static is None:
-                        rows = _still_denoising(model, state.done, c)
-                        logits = denoise(state.canvas, self_cond_probs=state.self_cond, rows=rows)
-                    else:  # fixed shapes: every row's logits
-                        logits = denoise(state.canvas, self_cond_probs=state.self_cond)
+                    rows = _still_denoising(model, state.done, c)
+                    logits = denoise(state.canvas, self_cond_probs=state.self_cond, rows=rows)
                 accepted = denoise_update(state, logits, steps_left, gen, rng, rows)
                 yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
                 if bool(state.done.all()):

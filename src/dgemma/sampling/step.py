@@ -77,10 +77,10 @@ def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dty
 def _blocks(rows: torch.Tensor | None, a: int, c: int, block: int):
     """(source, destination) slices of flat positions, at most `block` long: runs of consecutive batch rows of
     `rows` (all `a` rows when None) map to the same runs in the batch-sized outputs."""
-    runs = [(0, 0, a)] if rows is None else []
-    if rows is not None:
-        ids = rows.tolist()
-        start = 0
+    if rows is None:
+        runs = [(0, 0, a)]  # (first source row, first destination row, rows)
+    else:
+        ids, runs, start = rows.tolist(), [], 0
         for i in range(1, len(ids) + 1):
             if i == len(ids) or ids[i] != ids[i - 1] + 1:
                 runs.append((start, ids[start], i - start))
@@ -121,7 +121,7 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     stopped = bool(done.any())
     if stopped:  # rows that already stopped keep their self-conditioning input; before sampling, which may read
         cond[done] = state.self_cond[done]  # every row (in place, those rows only: `cond` is this step's fresh tensor)
-        if rows is not None and cond.data_ptr() != probs.data_ptr():  # (fp32: they are one tensor)
+        if rows is not None and state.cond_dtype != torch.float32:  # (fp32: `cond` is `probs`)
             probs[done] = 1.0  # any valid weights: these rows' draws are skipped, only the generator advances
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)  # fixed tokens spend none of the entropy budget
