@@ -150,7 +150,8 @@ def test_invalid_prompts_raise_clear_errors(tiny, ids, message):
 
 
 def test_generation_leaves_stopped_rows_logits_out_only_where_the_check_allows(monkeypatch):
-    """With `head_rows_exact` saying no, every pass computes every row's logits; the tokens are the same."""
+    """With `vocab_rows_exact` saying no, every pass computes every row's logits and self-conditioning input;
+    the tokens are the same."""
     from pathlib import Path
 
     model = dgemma.DiffusionGemma.from_pretrained(Path(__file__).resolve().parents[1] / "models" / "dgemma-code-tiny")
@@ -161,15 +162,36 @@ def test_generation_leaves_stopped_rows_logits_out_only_where_the_check_allows(m
         subsets.append(rows is not None)
         return real(*args, rows=rows, **kwargs)
 
+    embedded = []
+    real_embed = model.model.embed_probs
+
+    def spy_embed(probs):
+        embedded.append(probs.shape[0])
+        return real_embed(probs)
+
+    from dgemma.engine import generate as generation
+
+    real_self_conditioning = generation._self_conditioning
+
+    def checked(model_, probs, before, frozen, canvas):  # every pass's input is that of the rows' current probs
+        soft = real_self_conditioning(model_, probs, before, frozen, canvas)
+        assert (soft is None) == (probs is None)
+        assert soft is None or torch.equal(soft, real_embed(probs))
+        return soft
+
     monkeypatch.setattr(model.model, "denoise", spy)
+    monkeypatch.setattr(model.model, "embed_probs", spy_embed)
+    monkeypatch.setattr(generation, "_self_conditioning", checked)
     ids = torch.randint(3, 4096, (4, 12), generator=torch.Generator().manual_seed(0))
     prompts = torch.cat([torch.full((4, 1), 2), ids], dim=1)
     outs = []
     for allowed in (True, False):
-        monkeypatch.setattr(model.model, "head_rows_exact", lambda rows, of, allowed=allowed: allowed)
+        monkeypatch.setattr(model.model, "vocab_rows_exact", lambda rows, of, allowed=allowed: allowed)
         subsets.clear()
+        embedded.clear()
         torch.manual_seed(0)
         outs.append(model.generate(input_ids=prompts, max_new_tokens=64, max_denoising_steps=12, eos_token_id=[]))
         assert any(subsets) == allowed
+        assert (min(embedded) < 4) == allowed
     assert outs[0].sequences.tolist() == outs[1].sequences.tolist()
     assert outs[0].stats.passes_per_canvas == outs[1].stats.passes_per_canvas

@@ -189,6 +189,59 @@ def test_vocabulary_matmuls_on_the_transposed_copy_keep_the_bits_and_live_in_a_s
         assert not any(vm2._same.values())
 
 
+def test_subset_check_of_the_vocabulary_matmuls_uses_their_layouts_and_sees_a_subset_rounding_apart(monkeypatch):
+    """`rows_alike` compares each product on the operand layout `head`/`expected` would use for that row count,
+    and says no where a product of fewer rows rounds them differently."""
+    import torch.nn.functional as F
+
+    from dgemma.model import vocab
+
+    vm = vocab.VocabMatmuls()
+    w = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), vm.session():
+        assert vm.rows_alike(w, 64, 256)
+        used = {(which, n) for which, n, *_ in vm._same}
+        assert used == {("head", 64), ("head", 256), ("expected", 64), ("expected", 256)}  # the copy's checks ran
+    real_linear, real_matmul = F.linear, torch.matmul
+
+    def apart(real):  # products of fewer than 256 rows round one ulp up
+        return lambda x, w_: (lambda out: out if x.shape[0] == 256 else torch.nextafter(out, out + 1))(real(x, w_))
+
+    for layout in ("copy", "plain"):
+        vm = vocab.VocabMatmuls()
+        if layout == "plain":
+            monkeypatch.setattr(vocab, "_agree", lambda *a: False)
+        with torch.inference_mode(), vm.session():
+            monkeypatch.setattr(F, "linear", apart(real_linear))
+            monkeypatch.setattr(torch, "matmul", apart(real_matmul))
+            assert not vm.rows_alike(w, 64, 256)
+            monkeypatch.setattr(F, "linear", real_linear)
+            monkeypatch.setattr(torch, "matmul", real_matmul)
+
+
+def test_norms_of_one_input_share_their_normalisation_bit_for_bit():
+    from dgemma.model.layers import RMSNorm, rms_norm, shared_norms
+
+    g = torch.Generator().manual_seed(0)
+    norms = [RMSNorm(256), RMSNorm(256, with_scale=False), RMSNorm(256)]
+    for n in norms[::2]:
+        n.weight.data = torch.randn(256, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 32, 256, generator=g).to(dtype)
+        with torch.inference_mode():
+            together = shared_norms(x, *(n.to(dtype) for n in norms))
+        for got, n in zip(together, norms):
+            assert got.dtype == dtype and torch.equal(got, rms_norm(x, n.weight, n.eps))
+    norms = [n.float() for n in norms]
+    assert shared_norms(x.float(), *norms) is None  # autograd on: the norms run as modules
+    handle = norms[1].register_forward_hook(lambda *a: None)
+    with torch.inference_mode():
+        assert shared_norms(x.float(), *norms) is None  # so does a hooked norm, for its hook to see it
+    handle.remove()
+    with torch.inference_mode():
+        assert shared_norms(x.float(), *norms, RMSNorm(256, eps=1e-5)) is None
+
+
 def test_norms_built_in_inference_mode_still_train():
     """rms_norm's cached constants must be plain tensors whatever mode the first norm was built in."""
     from dgemma.model import layers

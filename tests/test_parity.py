@@ -134,18 +134,24 @@ def test_dgemma_save_loads_in_transformers(reference_checkpoint, tmp_path):
 
 
 def test_batch_with_rows_stopping_apart_reproduces_transformers(reference_checkpoint, monkeypatch):
-    """Rows of one batch stop their canvases at different passes; dgemma leaves the stopped rows' logits and
-    sampling out from then on (`denoise(rows=...)`) and still writes the reference's tokens."""
+    """Rows of one batch stop their canvases at different passes; dgemma leaves the stopped rows' logits,
+    sampling and self-conditioning input out from then on (`denoise(rows=...)`) and still writes the reference's
+    tokens."""
     path, ref = reference_checkpoint("window", "confident")
     ours = dgemma.DiffusionGemma.from_pretrained(path)
-    subsets = []
-    real = ours.model.denoise
+    subsets, embedded = [], []
+    real, real_embed = ours.model.denoise, ours.model.embed_probs
 
     def spy(*args, rows=None, **kwargs):
         subsets.append(None if rows is None else rows.tolist())
         return real(*args, rows=rows, **kwargs)
 
+    def spy_embed(probs):
+        embedded.append(probs.shape[0])
+        return real_embed(probs)
+
     monkeypatch.setattr(ours.model, "denoise", spy)
+    monkeypatch.setattr(ours.model, "embed_probs", spy_embed)
     g = torch.Generator().manual_seed(3)
     prompts = torch.cat([torch.full((4, 1), 2), torch.randint(3, 512, (4, 8), generator=g)], dim=1)
     settings = dict(max_new_tokens=48, max_denoising_steps=16, eos_token_id=1, pad_token_id=0)
@@ -156,3 +162,4 @@ def test_batch_with_rows_stopping_apart_reproduces_transformers(reference_checkp
         got = ours.generate(input_ids=prompts, **settings)
         assert got.sequences.tolist() == expected.sequences.tolist(), f"seed {seed}"
     assert any(s is not None and 0 < len(s) < 4 for s in subsets)  # the subset path was taken
+    assert 0 < min(embedded) < 4  # some passes computed the self-conditioning input of fewer rows

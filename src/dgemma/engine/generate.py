@@ -168,6 +168,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
             state = CanvasState.start(canvas, gen, fixed, model.dtype)
             passes = torch.zeros(b, dtype=torch.long, device=device)
+            soft, frozen = None, None  # the last pass's self-conditioning input; rows whose input is unchanged since
             for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
                 passes += ~(state.done | finished)
                 rows = None
@@ -177,9 +178,12 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
                     logits = denoise(state.canvas, self_cond_probs=state.self_cond)
                 else:
                     # rows that stopped early ride along in the pass (leaving them out would change how the others'
-                    # expert groups round), but their logits and sampling work are skipped where that is exact
+                    # expert groups round), but their logits, sampling work and self-conditioning input are not
+                    # computed again where that is exact
                     rows = _still_denoising(model, state.done, c)
-                    logits = denoise(state.canvas, self_cond_probs=state.self_cond, rows=rows)
+                    soft = _self_conditioning(model, state.self_cond, soft, frozen, c)
+                    logits = denoise(state.canvas, self_cond_embeddings=soft, rows=rows)
+                frozen = state.done  # rows stopped before this update keep their self-conditioning input
                 accepted = denoise_update(state, logits, steps_left, gen, rng, rows)
                 yield DenoiseStep(ci, step, state.draft, accepted, ~(state.done | finished))
                 if bool(state.done.all()):
@@ -214,7 +218,22 @@ def _still_denoising(model: DiffusionGemmaModel, done: torch.Tensor, canvas: int
     if done.device.type != "cpu" or not bool(done.any()):
         return None
     rows = (~done).nonzero().flatten()
-    return rows if model.head_rows_exact(rows.numel() * canvas, done.numel() * canvas) else None
+    return rows if model.vocab_rows_exact(rows.numel() * canvas, done.numel() * canvas) else None
+
+
+def _self_conditioning(model: DiffusionGemmaModel, probs: torch.Tensor | None, before: torch.Tensor | None,
+                       frozen: torch.Tensor | None, canvas: int) -> torch.Tensor | None:
+    """The pass's self-conditioning input `embed_probs(probs)`, [B, C, H]: rows in `frozen` have the same `probs`
+    as when `before` was computed, so on the CPU only the other rows' are computed again (in place in `before`)
+    where a subset's product rounds them as the whole batch's does."""
+    if probs is None:
+        return None
+    if before is None or probs.device.type != "cpu" or not bool(frozen.any()):
+        return model.embed_probs(probs)
+    fresh = (~frozen).nonzero().flatten()
+    if not model.vocab_rows_exact(fresh.numel() * canvas, frozen.numel() * canvas):
+        return model.embed_probs(probs)
+    return before.index_copy_(0, fresh, model.embed_probs(probs.index_select(0, fresh)))
 
 
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,

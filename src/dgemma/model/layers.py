@@ -31,7 +31,8 @@ def _norm_constants(eps: float, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return made
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) in fp32, as the reference computes it (before any scale)."""
     # the dtype round trips only where they convert: a small model's pass runs ~70 norms, each op a dispatch
     xf = x if x.dtype == torch.float32 else x.float()
     if type(xf) is torch.Tensor and xf.device.type == "cpu":  # plain CPU tensors (not fake or other subclasses)
@@ -41,10 +42,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         var = xf.pow(2).sum(-1, keepdim=True).div_(count).add_(eps_t)
     else:
         var = xf.pow(2).mean(-1, keepdim=True) + eps
-    out = xf * torch.pow(var, -0.5)  # pow(-0.5) rather than rsqrt: matches the reference bit for bit
-    if weight is not None:
-        out = out * (weight if weight.dtype == torch.float32 else weight.float())
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return xf * torch.pow(var, -0.5)  # pow(-0.5) rather than rsqrt: matches the reference bit for bit
+
+
+def _scaled(unit: torch.Tensor, weight: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    out = unit if weight is None else unit * (weight if weight.dtype == torch.float32 else weight.float())
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _scaled(_unit_rms(x, eps), weight, x.dtype)
+
+
+def rms_norms(x: torch.Tensor, weights: tuple[torch.Tensor | None, ...], eps: float) -> tuple[torch.Tensor, ...]:
+    """`rms_norm(x, w, eps)` for each w of `weights`, the normalisation itself computed once (the same bits as
+    separate calls: a layer normalises its residual three times, for the dense MLP, the router and the experts,
+    and a full-attention layer its keys twice, as keys and as values)."""
+    unit = _unit_rms(x, eps)
+    return tuple(_scaled(unit, w, x.dtype) for w in weights)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,7 +80,7 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # The elementwise pieces, each one fused kernel when `compile_elementwise()` has run (CUDA): a decoder pass of
 # the 26B model is otherwise ~4,000 small kernels whose launches and memory round trips cost more than the
 # weight streaming itself. Eager by default: the CPU path stays bit-identical to the reference.
-PLAIN_KERNELS = {"rms_norm": rms_norm, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
+PLAIN_KERNELS = {"rms_norm": rms_norm, "rms_norms": rms_norms, "apply_rope": apply_rope, "gelu_mul": gelu_mul}
 KERNELS = dict(PLAIN_KERNELS)
 _COMPILED: dict = {}  # built once: a fresh torch.compile wrapper would compile every shape again
 
@@ -99,6 +114,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return KERNELS["rms_norm"](x, self.weight, self.eps)
+
+
+def shared_norms(x: torch.Tensor, *norms: RMSNorm) -> tuple[torch.Tensor, ...] | None:
+    """`norm(x)` for each of `norms`, their common normalisation computed once, where nothing can tell; None where
+    something could (the caller then runs the norms as modules): under autograd (the gradients of the separate
+    norms add up in another order), with hooks on any of them, or with differing eps."""
+    if (torch.is_grad_enabled() or len({n.eps for n in norms}) > 1 or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks or any(n._forward_hooks or n._forward_pre_hooks
+                                                                   for n in norms)):
+        return None
+    return KERNELS["rms_norms"](x, tuple(n.weight for n in norms), norms[0].eps)
 
 
 def rope_inv_freq(config: TextConfig, layer_type: str, head_dim: int) -> torch.Tensor:
@@ -150,8 +176,14 @@ class AttentionProjections(nn.Module):
         b, t, _ = x.shape
         q = KERNELS["apply_rope"](self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)), cos, sin)
         k_raw = self.k_proj(x).view(b, t, -1, self.head_dim)
-        v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw)
-        k = KERNELS["apply_rope"](self.k_norm(k_raw), cos, sin)
+        # full-attention layers: the values are the keys, normed without scale
+        shared = shared_norms(k_raw, self.k_norm, self.v_norm) if self.v_proj is None else None
+        if shared is None:
+            v = self.v_norm(self.v_proj(x).view(b, t, -1, self.head_dim) if self.v_proj is not None else k_raw)
+            k = self.k_norm(k_raw)
+        else:
+            k, v = shared
+        k = KERNELS["apply_rope"](k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -180,9 +212,9 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (weights [N, k], expert ids [N, k])."""
-        scores = self.proj(self.norm(x) * self.scale * self.root_size)
+    def forward(self, x: torch.Tensor, normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (weights [N, k], expert ids [N, k]); `normed`: `self.norm(x)` where the caller has it."""
+        scores = self.proj((self.norm(x) if normed is None else normed) * self.scale * self.root_size)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, k=self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -248,10 +280,18 @@ class Block(nn.Module):
     def feed_forward(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """The dense MLP and the experts side by side. With `split`, positions [:split] and [split:] of every row
         go through the experts as two separate groups of tokens, as they would in two passes."""
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        flat = x.reshape(-1, x.shape[-1])
-        weights, ids = self.router(flat)
-        normed = self.pre_feedforward_layernorm_2(flat)
+        shared = shared_norms(x, self.pre_feedforward_layernorm, self.router.norm, self.pre_feedforward_layernorm_2)
+        if shared is None:
+            dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+            flat = x.reshape(-1, x.shape[-1])
+            weights, ids = self.router(flat)
+            normed = self.pre_feedforward_layernorm_2(flat)
+        else:
+            for_dense, for_router, normed = shared
+            dense = self.post_feedforward_layernorm_1(self.mlp(for_dense))
+            flat = x.reshape(-1, x.shape[-1])
+            weights, ids = self.router(flat, for_router.reshape(flat.shape))
+            normed = normed.reshape(flat.shape)
         if split is None:
             moe = self.experts(normed, weights, ids).reshape(x.shape)
         else:

@@ -54,7 +54,7 @@ class DiffusionGemmaModel(nn.Module):
         # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
-        self._head_rows: dict[tuple, bool] = {}  # head_rows_exact's answers
+        self._vocab_rows: dict[tuple, bool] = {}  # vocab_rows_exact's answers
         self._passes = TracedPasses(self)
         self._vocab = VocabMatmuls()  # the LM head and the expected embedding on a transposed copy (CPU)
 
@@ -268,35 +268,34 @@ class DiffusionGemmaModel(nn.Module):
             self._fusable[key] = _rows_round_alike(self, batch, committed, canvas)
         return self._fusable[key]
 
-    def head_rows_exact(self, rows: int, of: int) -> bool:
-        """Whether the LM head over `rows` of a pass's `of` positions rounds each of them as over all `of` (so the
-        logits of rows that stopped early can be left out, `denoise(rows=...)`). MKL does for products of 12 rows
-        or more on the CPUs tried, not for fewer: a property of the BLAS library, so it is checked once per pair
-        of sizes, thread count, device and dtype on random inputs and a scattered choice of rows (against at most
-        the first 8192 vocabulary entries: a row's rounding depends on the row counts, and the check of a
-        262k-entry vocabulary would cost two LM heads of the whole batch)."""
-        key = (rows, of, torch.get_num_threads(), self.device, self.dtype)
-        if key not in self._head_rows:
-            w = self.embed_tokens.weight.detach()[:8192]
-            g = torch.Generator(device=w.device).manual_seed(0)
-            x = torch.randn(of, w.shape[1], generator=g, device=w.device).to(w.dtype)
-            pick = torch.randperm(of, generator=g, device=w.device)[:rows].sort().values
-            self._head_rows[key] = torch.equal(F.linear(x.index_select(0, pick), w), F.linear(x, w)[pick])
-        return self._head_rows[key]
+    def vocab_rows_exact(self, rows: int, of: int) -> bool:
+        """Whether the LM head and the expected embedding over `rows` of a pass's `of` positions round each of them
+        as over all `of` (so that rows that stopped early can be left out of them: `denoise(rows=...)`, and the
+        generation loop's self-conditioning input). MKL does for products of 12 rows or more on the CPUs tried, not
+        for fewer: a property of the BLAS library, so it is checked once per pair of sizes, thread count, device,
+        dtype and operand layout (`VocabMatmuls.rows_alike`)."""
+        w = self.embed_tokens.weight
+        layout = tuple(self._vocab.uses_copy(which, w, n, w.dtype)
+                       for which in ("head", "expected") for n in (rows, of))
+        key = (rows, of, torch.get_num_threads(), self.device, self.dtype, layout)
+        if key not in self._vocab_rows:
+            self._vocab_rows[key] = self._vocab.rows_alike(w, rows, of)
+        return self._vocab_rows[key]
 
     def denoise(self, canvas: torch.Tensor, context: "KVCache | SequenceKV", self_cond_logits: torch.Tensor | None = None,
                 self_cond_mask: torch.Tensor | None = None, self_cond_probs: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, self_cond_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Bidirectional pass over `canvas` [B, C] reading `context` (the KV cache at inference, the encoder's
         keys/values of whole sequences in training); returns fp32 logits [B, C, V].
 
         `self_cond_logits` are the previous step's (temperature-scaled) logits, or None on the first step;
-        `self_cond_probs` may be given instead: their fp32 softmax, which the sampler has computed already.
+        `self_cond_probs` may be given instead: their fp32 softmax, which the sampler has computed already, or
+        `self_cond_embeddings`: `embed_probs` of those.
         `self_cond_mask` [B] zeroes the signal for some rows (training). `rows` [A] (KV cache only): the logits
         of these batch rows only, [A, C, V] — the rest of the pass is the same, only the LM head and the soft-cap
-        skip the other rows (see `head_rows_exact`).
+        skip the other rows (see `vocab_rows_exact`).
         """
-        soft = None
+        soft = self_cond_embeddings
         if self_cond_logits is not None:
             soft = self.soft_embeddings(self_cond_logits)
         elif self_cond_probs is not None:

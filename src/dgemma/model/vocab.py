@@ -66,23 +66,46 @@ class VocabMatmuls:
         return torch.matmul(probs, weight) if wt is None else F.linear(probs, wt)
 
     def _transposed(self, weight: torch.Tensor, which: str, x: torch.Tensor) -> torch.Tensor | None:
-        if (not (self.enabled and self._sessions) or weight.device.type != "cpu" or weight.dtype != torch.float32
-                or x.dtype != weight.dtype or torch.is_grad_enabled() or weight.numel() > MAX_ELEMENTS):
-            return None
-        try:
-            version = weight._version
-        except RuntimeError:  # an inference-mode tensor keeps no version counter
-            return None
-        rows = x.numel() // x.shape[-1]
-        check = (which, rows, torch.get_num_threads(), tuple(weight.shape))
-        if check not in self._same:
-            self._same[check] = _agree(which, weight.detach(), rows)
-        if not self._same[check]:  # e.g. one-row products (AR steps): no copy is made for them
-            return None
-        key = (weight.data_ptr(), version, tuple(weight.shape))
+        if not self.uses_copy(which, weight, x.numel() // x.shape[-1], x.dtype):
+            return None  # e.g. one-row products (AR steps): no copy is made for them
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         if key != self._key:
             self._copy, self._key = weight.detach().t().contiguous(), key
         return self._copy
+
+    def uses_copy(self, which: str, weight: torch.Tensor, rows: int, dtype: torch.dtype) -> bool:
+        """Whether `head` or `expected` runs on the copy for an input of `rows` rows."""
+        if (not (self.enabled and self._sessions) or weight.device.type != "cpu" or weight.dtype != torch.float32
+                or dtype != weight.dtype or torch.is_grad_enabled() or weight.numel() > MAX_ELEMENTS):
+            return False
+        try:
+            weight._version
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return False
+        check = (which, rows, torch.get_num_threads(), tuple(weight.shape))
+        if check not in self._same:
+            self._same[check] = _agree(which, weight.detach(), rows)
+        return self._same[check]
+
+    def rows_alike(self, weight: torch.Tensor, rows: int, of: int, limit: int = 8192) -> bool:
+        """Whether `head` and `expected` over `rows` scattered rows of an `of`-row input give each of them as over
+        all `of` rows (a property of the BLAS library: checked on random inputs, each product on the operand
+        layout these calls would use for that row count, against at most the first `limit` vocabulary entries:
+        a full-size vocabulary's check would cost two vocabulary-wide products of the whole input)."""
+        w = weight.detach()[:limit]
+        g = torch.Generator(device=w.device).manual_seed(0)
+        pick = torch.randperm(of, generator=g, device=w.device)[:rows].sort().values
+
+        def product(which: str, x: torch.Tensor, n: int) -> torch.Tensor:
+            copy = self.uses_copy(which, weight, n, x.dtype)
+            if which == "head":
+                return torch.matmul(x, w.t().contiguous()) if copy else F.linear(x, w)
+            return F.linear(x, w.t().contiguous()) if copy else torch.matmul(x, w)
+
+        hidden = torch.randn(of, w.shape[1], generator=g, device=w.device).to(w.dtype)
+        probs = torch.randn(of, w.shape[0], generator=g, device=w.device).softmax(-1).to(w.dtype)
+        return all(torch.equal(product(which, x.index_select(0, pick), rows), product(which, x, of)[pick])
+                   for which, x in (("head", hidden), ("expected", probs)))
 
 
 def _agree(which: str, weight: torch.Tensor, rows: int) -> bool:
