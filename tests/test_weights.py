@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -131,6 +132,33 @@ def test_config_that_is_not_diffusion_gemma(saved):
         dgemma.DiffusionGemma.from_pretrained(path)
     (path / "config.json").unlink()
     with pytest.raises(ConfigError, match="no config.json"):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda cfg: [cfg], "config.json: expected a JSON object, got list"),
+    (lambda cfg: {**cfg, "text_config": [1]}, "config.json: text_config must be a JSON object, got list"),
+    (lambda cfg: {**cfg, "text_config": {**cfg["text_config"], "hidden_size": "64"}},
+     "config.json: text_config.hidden_size must be an integer >= 1, got '64'"),
+    (lambda cfg: {**cfg, "text_config": {**cfg["text_config"], "vocab_size": 0}},
+     "config.json: text_config.vocab_size must be an integer >= 1, got 0"),
+    (lambda cfg: {**cfg, "canvas_length": "32"}, "config.json: canvas_length must be >= 1, got '32'"),
+])
+def test_config_with_wrong_shapes_or_types(saved, edit, message):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def test_config_files_that_are_not_utf8_or_not_objects(saved):
+    _, path = saved
+    (path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=re.escape("generation_config.json: expected a JSON object, got list")):
+        dgemma.DiffusionGemma.from_pretrained(path)
+    (path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="config.json: not valid JSON .*can't decode byte 0xff"):
         dgemma.DiffusionGemma.from_pretrained(path)
 
 

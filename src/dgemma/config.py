@@ -69,6 +69,10 @@ class TextConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name in _TEXT_SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"text_config.{name} must be an integer >= 1, got {value!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}"
@@ -142,6 +146,10 @@ class TextConfig:
 
 
 _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
+# the sizes every layer is built from: a string or a 0 here fails deep inside torch otherwise
+_TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "global_head_dim", "max_position_embeddings", "sliding_window",
+               "num_experts", "top_k_experts", "moe_intermediate_size")
 
 
 @dataclass
@@ -158,8 +166,8 @@ class DiffusionGemmaConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.canvas_length < 1:
-            raise ConfigError(f"canvas_length must be >= 1, got {self.canvas_length}")
+        if isinstance(self.canvas_length, bool) or not isinstance(self.canvas_length, int) or self.canvas_length < 1:
+            raise ConfigError(f"canvas_length must be >= 1, got {self.canvas_length!r}")
         if not self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=False (untied encoder/decoder) is not supported")
 
@@ -181,10 +189,15 @@ class DiffusionGemmaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "DiffusionGemmaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object, got {type(d).__name__}")
         mt = d.get("model_type")
         if mt != "diffusion_gemma":
             raise ConfigError(f"config model_type is {mt!r}: not a DiffusionGemma checkpoint (expected 'diffusion_gemma')")
-        text = TextConfig.from_hf_dict(d.get("text_config") or {})
+        text_config = d.get("text_config") or {}
+        if not isinstance(text_config, dict):
+            raise ConfigError(f"text_config must be a JSON object, got {type(text_config).__name__}")
+        text = TextConfig.from_hf_dict(text_config)
         keys = ("canvas_length", "boi_token_id", "eoi_token_id", "image_token_id", "tie_word_embeddings",
                 "initializer_range")
         kwargs = {k: d[k] for k in keys if d.get(k) is not None}
@@ -200,7 +213,7 @@ class DiffusionGemmaConfig:
             raise ConfigError(f"{path}: no config.json")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
         try:
             return cls.from_hf_dict(data)
@@ -315,8 +328,10 @@ class GenerationConfig:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         return cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
 
     @classmethod
