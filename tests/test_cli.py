@@ -279,3 +279,21 @@ def test_python_dash_m_error_exit_status():
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "dgemma: error: max_denoising_steps must be an integer >= 1, got 0"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "Hello", "--device", "meta"], ["--device meta", "unsupported device type"]),
+    (["generate", "Hello", "--seed", str(2**64)], ["--seed", "must be in [-2**63, 2**64)"]),
+    (["train", "--data", "x.txt", "--out", "out", "--device", "nonsense"], ["invalid --device 'nonsense'"]),
+    (["serve", "--device", "nonsense"], ["invalid --device 'nonsense'"]),
+    (["serve", "--port", "70000"], ["--port", "must be in 1..65535, got 70000"]),
+    (["eval", "--model", "tiny", "--device", "nonsense"], ["invalid --device 'nonsense'"]),
+    (["eval", "--model", "tiny", "--sweep", "2,x"], ["--sweep", "invalid integer 'x'"]),
+    (["eval", "--model", "tiny", "--steps", "0"], ["--steps", "must be >= 1, got 0"]),
+    (["bench", "--device", "meta"], ["--device meta", "unsupported device type"]),
+])
+def test_bad_device_seed_port_and_eval_numbers_are_usage_errors(capsys, tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)  # checked before any model loads or file is read
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(code, err, *words)

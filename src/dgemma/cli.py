@@ -54,6 +54,17 @@ def int_at_least_1(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """A seed `torch.Generator.manual_seed` takes: -2**63 <= seed < 2**64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DiffusionGemma: text diffusion, a canvas of tokens at a time.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -78,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entropy budget for accepting tokens in one step (> 0)")
     g.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
     g.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
-    g.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same output)")
+    g.add_argument("--seed", type=seed_value, metavar="N", help="random seed (same seed, same output)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     g.add_argument("--thinking", action="store_true",
                    help="let the model think first (implies --chat); reasoning is printed separately, "
@@ -180,6 +191,8 @@ def _pick_device(requested: str | None):
         device = torch.device(requested)
     except (RuntimeError, ValueError) as e:
         raise CLIError(f"invalid --device {requested!r}: {e}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {requested}: unsupported device type {device.type!r} (use cpu, cuda or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {requested}: CUDA is not available")
     if device.type == "mps" and not torch.backends.mps.is_available():

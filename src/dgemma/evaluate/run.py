@@ -108,16 +108,26 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _step_budgets(text: str) -> list[int]:
+    from ..cli import int_at_least_1
+
+    return [int_at_least_1(s) for s in text.split(",") if s.strip()]
+
+
 def add_parser(sub) -> None:
+    from ..cli import int_at_least_1
+
     p = sub.add_parser("eval", help="held-out loss and line infilling, diffusion vs AR")
     p.add_argument("--model", required=True, help="diffusion model directory")
     p.add_argument("--ar-model", help="AR baseline directory (default: the same model's AR mode)")
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--hole", type=int, help="places in the hole for the hidden line (default: half the canvas)")
-    p.add_argument("--per-file", type=int, default=10, help="hidden lines per held-out stdlib file")
-    p.add_argument("--sweep", default="2,4,8,16,32", help="step budgets for the accuracy-vs-steps plot")
+    p.add_argument("--steps", type=int_at_least_1, default=16)
+    p.add_argument("--hole", type=int_at_least_1,
+                   help="places in the hole for the hidden line (default: half the canvas)")
+    p.add_argument("--per-file", type=int_at_least_1, default=10, help="hidden lines per held-out stdlib file")
+    p.add_argument("--sweep", type=_step_budgets, default="2,4,8,16,32",
+                   help="comma-separated step budgets for the accuracy-vs-steps plot")
     p.add_argument("--no-humaneval", action="store_true")
-    p.add_argument("--loss-chunks", type=int, default=32)
+    p.add_argument("--loss-chunks", type=int_at_least_1, default=32)
     p.add_argument("--table", type=Path, help="write a Markdown table here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-steps plot here")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; fp32 either way)")
@@ -125,8 +135,11 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file,
-                 [int(s) for s in args.sweep.split(",") if s], not args.no_humaneval, args.loss_chunks, args.device)
+    from ..cli import _pick_device
+
+    _pick_device(args.device)
+    report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file, args.sweep, not args.no_humaneval,
+                 args.loss_chunks, args.device)
     print(json.dumps(report, indent=2))
     if args.table:
         args.table.write_text(markdown(report) + "\n")

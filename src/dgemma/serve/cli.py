@@ -29,6 +29,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
+    return value
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
@@ -38,7 +48,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default="tiny", metavar="PATH_OR_PRESET", help="checkpoint directory or preset")
     s.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--max-slots", type=int_at_least_1, default=16, metavar="N",
                    help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
@@ -61,10 +71,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from ..api import DiffusionGemma
+    from ..cli import _pick_device
     from ..config import ConfigError
     from ..engine.scheduler import Scheduler, slots_for_budget
     from .app import ServeSettings, create_app
@@ -72,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
     c = model.config.canvas_length
