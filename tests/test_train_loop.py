@@ -86,6 +86,26 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "dgemma", "train", *args]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be a number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a number > 0, got nan"),
+    (["--warmup", "-5"], "--warmup must be >= 0, got -5"),
+    (["--clip", "0"], "--clip must be a number > 0, got 0.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--holdout-frac", "1"], "--holdout-frac must be in [0, 1), got 1.0"),
+    (["--lora-alpha", "4"], "--lora-alpha needs --lora and a number > 0, got 4.0"),
+    (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha needs --lora and a number > 0, got -1.0"),
+])
+def test_cli_refuses_bad_optimiser_settings_before_any_work(flags, message, tmp_path, capsys):
+    from dgemma.cli import main
+
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu", *flags])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == f"dgemma: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):
     out = tmp_path / "run"
     args = ["--data", str(corpus), "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--save-every", "1000",

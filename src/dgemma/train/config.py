@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..config import ConfigError
@@ -55,8 +56,16 @@ class TrainConfig:
         for name in ("steps", "batch_size", "accum", "eval_every", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2 or self.seed < 0 or self.lora < 0 or not 0 <= self.holdout_frac < 1:
-            raise ConfigError("need seq_len >= 2, seed >= 0, lora >= 0 and 0 <= holdout_frac < 1")
+        for name, ok, rule in (("seq_len", self.seq_len >= 2, ">= 2"), ("seed", self.seed >= 0, ">= 0"),
+                               ("lora", self.lora >= 0, ">= 0"), ("warmup", self.warmup >= 0, ">= 0"),
+                               ("holdout_frac", 0 <= self.holdout_frac < 1, "in [0, 1)"),
+                               ("lr", 0 < self.lr < math.inf, "a number > 0"),
+                               ("weight_decay", 0 <= self.weight_decay < math.inf, "a number >= 0"),
+                               ("clip", 0 < self.clip < math.inf, "a number > 0")):
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+        if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
+            raise ConfigError(f"--lora-alpha needs --lora and a number > 0, got {self.lora_alpha}")
         if self.batch_size < world_size * self.accum:
             raise ConfigError(f"batch size {self.batch_size} is smaller than processes x accumulation steps "
                               f"({world_size} x {self.accum})")
