@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -53,3 +54,12 @@ def test_cli_writes_a_tokenizer_a_model_can_train_with(tmp_path, capsys):
 def test_vocab_must_exceed_the_reserved_ids():
     with pytest.raises(dgemma.ConfigError, match="must exceed the 512 reserved ids"):
         train_tokenizer([CODE], vocab_size=512)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(vocab_size=10**11), "vocab size must be at most 1048576, got 100000000000"),  # was an abort in Rust
+    (dict(vocab_size=600, min_frequency=-3), "min frequency must be >= 0, got -3"),  # was an OverflowError
+])
+def test_vocab_size_and_min_frequency_are_checked(kwargs, message):
+    with pytest.raises(dgemma.ConfigError, match=re.escape(message)):
+        train_tokenizer([CODE], **kwargs)

@@ -22,6 +22,7 @@ from .tokenizer import GEMMA4_SPECIAL_IDS, Tokenizer
 from .train.data import Record, read_records
 
 RESERVED = 512  # control/unused ids plus the 256 byte tokens
+MAX_VOCAB = 1 << 20  # 4x Gemma 4's 262,144; the BPE trainer reserves memory for the whole size up front
 PIECES = r" ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
@@ -46,6 +47,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
     if vocab_size <= RESERVED:
         raise ConfigError(f"vocab size must exceed the {RESERVED} reserved ids, got {vocab_size}")
+    if vocab_size > MAX_VOCAB:
+        raise ConfigError(f"vocab size must be at most {MAX_VOCAB}, got {vocab_size}")
+    if min_frequency < 0:
+        raise ConfigError(f"min frequency must be >= 0, got {min_frequency}")
     learner = Backend(models.BPE())
     learner.pre_tokenizer = _pre_tokenizer()
     learned = vocab_size - RESERVED
