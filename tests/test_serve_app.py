@@ -51,3 +51,17 @@ def test_the_api_key_is_checked_before_the_body(http):
     assert response.status_code == 401
     response = http.post("/v1/completions", json={**SLOW, "temperature": 0.7})
     assert response.status_code == 400 and "set t_min and t_max" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra, status, param, message", [
+    # the engine allocated a history of this many canvases: a 500 with torch's error, or all the memory
+    ({"stability_threshold": 2**62}, 400, "stability_threshold",
+     "stability_threshold is 4611686018427387904; this server allows at most 256"),
+    # an empty stop string matched at once: every completion came back empty
+    ({"stop": ""}, 400, "stop", "stop: String should have at least 1 character"),
+])
+def test_settings_the_engine_cannot_take_are_400_and_the_engine_keeps_running(http, extra, status, param, message):
+    response = http.post("/v1/completions", json={**SLOW, **extra})
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == param and response.json()["error"]["message"] == message
+    assert http.get("/health").json() == {"status": "ok"}

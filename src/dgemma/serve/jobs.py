@@ -104,6 +104,10 @@ class JobBuilder:
         if steps is not None and steps > self.limits.denoising_steps:
             raise APIError(400, f"max_denoising_steps is {steps}; this server allows at most "
                                 f"{self.limits.denoising_steps}", param="max_denoising_steps")
+        stability = body.stability_threshold  # the engine keeps this many past canvases per request
+        if stability is not None and stability > self.limits.denoising_steps:
+            raise APIError(400, f"stability_threshold is {stability}; this server allows at most "
+                                f"{self.limits.denoising_steps}", param="stability_threshold")
         settings = body.sampler_settings()
         settings["max_denoising_steps"] = steps or min(self.gen.max_denoising_steps, self.limits.denoising_steps)
         gen = self.gen.updated(max_new_tokens=max_new_tokens, **settings)

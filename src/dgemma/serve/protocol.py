@@ -30,7 +30,8 @@ class SamplingRequest(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1, description="rounded up to whole canvases; the output is cut")
     n: int = Field(1, ge=1, description="choices; choice i uses seed + i")
-    stop: str | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=4)] | None = None
+    stop: Annotated[str, StringConstraints(min_length=1)] | \
+        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(max_length=4)] | None = None
     seed: int | None = Field(None, **SEED_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
