@@ -71,6 +71,9 @@ def test_bench_sweeps_prompt_canvas_and_passes(capsys):
     (["--modes", "eager,warp"], "unknown --modes ['warp']"),
     (["--device", "cpu", "--modes", "graph"], "need a CUDA device"),
     (["--device", "cpu", "--modes", "fp8"], "need a CUDA device"),
+    # tiny: 4096 positions; this was killed for memory while building the prompt's attention mask
+    (["--device", "cpu", "--prompt-len", "100000", "--canvases", "1", "--passes", "2", "--repeats", "1"],
+     "--prompt-len 100000 + --canvases 1 x canvas 32 = 100032 tokens exceeds the model context of 4096"),
 ])
 def test_bench_cli_errors(argv, message, capsys):
     assert main(["bench", "--preset", "tiny", *argv]) != 0

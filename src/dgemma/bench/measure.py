@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..api import DiffusionGemma
-from ..config import GenerationConfig, preset
+from ..config import ConfigError, GenerationConfig, preset
 from ..engine.cache import KVCache
 from ..engine.static import StaticDenoiser, StaticPool
 from ..model.model import DiffusionGemmaModel
@@ -163,6 +163,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dg = random_model(cfg, str(device), dtype)
         source = f"preset {args.preset}, random weights"
     model, vocab = dg.model, dg.model.text.vocab_size
+    context = model.text.max_position_embeddings
+    longest = max(args.prompt_len) + args.canvases * max(args.canvas or [dg.config.canvas_length])
+    if longest > context:
+        raise ConfigError(f"--prompt-len {max(args.prompt_len)} + --canvases {args.canvases} x canvas "
+                          f"{max(args.canvas or [dg.config.canvas_length])} = {longest} tokens exceeds the model "
+                          f"context of {context}")
     result: dict[str, Any] = {
         "machine": machine(device), "model": {"source": source, "parameters": sum(p.numel() for p in model.parameters()),
                                                "canvas_length": dg.config.canvas_length, "vocab_size": vocab,
