@@ -243,6 +243,17 @@ def test_empty_prompt(capsys):
     assert_one_line_error(code, err, "empty prompt")
 
 
+def test_prompt_that_is_not_utf8(capsys, monkeypatch):
+    code, out, err = run(capsys, "generate", "a\udcffb", *FAST)  # how Python passes the byte 0xff in argv
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8 text")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad"), errors="surrogateescape"))
+    code, out, err = run(capsys, "generate", *FAST)
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8 text")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe bad"), encoding="utf-8"))  # strict
+    code, out, err = run(capsys, "generate", *FAST)
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8 text")
+
+
 def test_prompt_longer_than_context(capsys):
     code, out, err = run(capsys, "generate", "x" * 5000, *FAST)  # tiny: 4096 positions
     assert_one_line_error(code, err, "context")

@@ -206,12 +206,19 @@ def _read_prompt(arg: str | None) -> str:
             raise CLIError("no prompt given and no stdin to read it from")
         if sys.stdin.isatty():
             print(f"{PROG}: reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise CLIError("the prompt is not valid UTF-8 text") from None
         text = text[:-1] if text.endswith("\n") else text
     else:
         text = arg
     if not text.strip():
         raise CLIError("empty prompt")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes from argv or stdin arrive as lone surrogates
+        raise CLIError("the prompt is not valid UTF-8 text") from None
     return text
 
 
