@@ -90,7 +90,7 @@ def _cli(*args: str) -> list[str]:
     (["--lr", "-1"], "--lr must be a number > 0, got -1.0"),
     (["--lr", "nan"], "--lr must be a number > 0, got nan"),
     (["--warmup", "-5"], "--warmup must be >= 0, got -5"),
-    (["--clip", "0"], "--clip must be a number > 0, got 0.0"),
+    (["--clip", "0"], "--clip must be a number > 0 (inf: no clipping), got 0.0"),
     (["--weight-decay", "-1"], "--weight-decay must be a number >= 0, got -1.0"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--holdout-frac", "1"], "--holdout-frac must be in [0, 1), got 1.0"),

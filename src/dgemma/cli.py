@@ -182,7 +182,7 @@ class _LevelFormatter(logging.Formatter):
         return super().format(record)
 
 
-def _pick_device(requested: str | None):
+def pick_device(requested: str | None):
     import torch
 
     if requested is None:
@@ -263,7 +263,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max)
     gen.validate()
     prompt = _read_prompt(args.prompt)
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
 
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)

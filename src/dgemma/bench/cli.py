@@ -78,7 +78,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, _pick_device
+    from ..cli import CLIError, pick_device
 
     for name in ("batch", "prompt_len", "passes", "canvas"):
         flag, text = "--" + name.replace("_", "-"), getattr(args, name)
@@ -93,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         setattr(args, name, values)
     if min(args.passes) < 2:
         raise CLIError("--passes must be >= 2 (the step time is a difference of 1 and --passes passes)")
-    cuda = _pick_device(args.device).type == "cuda"
+    cuda = pick_device(args.device).type == "cuda"
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.modes = (args.modes or ("eager,graph" if cuda else "traced,eager")).split(",")
     bad = [m for m in args.modes if m not in MODES]

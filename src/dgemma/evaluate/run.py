@@ -135,9 +135,9 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..cli import _pick_device
+    from ..cli import pick_device
 
-    _pick_device(args.device)
+    pick_device(args.device)
     report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file, args.sweep, not args.no_humaneval,
                  args.loss_chunks, args.device)
     print(json.dumps(report, indent=2))

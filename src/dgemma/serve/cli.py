@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..api import DiffusionGemma
-    from ..cli import _pick_device
+    from ..cli import pick_device
     from ..config import ConfigError
     from ..engine.scheduler import Scheduler, slots_for_budget
     from .app import ServeSettings, create_app
@@ -82,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
     c = model.config.canvas_length

@@ -85,7 +85,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, _pick_device
+    from ..cli import CLIError, pick_device
     from .config import TrainConfig
     from .loop import train
 
@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if missing:
         raise CLIError(f"train needs {' and '.join(missing)}")
     if args.device is not None:
-        _pick_device(args.device)
+        pick_device(args.device)
     # the options are named after TrainConfig's fields; the rest keep their defaults
     names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
     cfg = TrainConfig(**{name: getattr(args, name) for name in names})

@@ -61,7 +61,7 @@ class TrainConfig:
                                ("holdout_frac", 0 <= self.holdout_frac < 1, "in [0, 1)"),
                                ("lr", 0 < self.lr < math.inf, "a number > 0"),
                                ("weight_decay", 0 <= self.weight_decay < math.inf, "a number >= 0"),
-                               ("clip", 0 < self.clip < math.inf, "a number > 0")):
+                               ("clip", 0 < self.clip, "a number > 0 (inf: no clipping)")):
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
         if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
