@@ -292,6 +292,25 @@ def test_python_dash_m_error_exit_status():
         "dgemma: error: max_denoising_steps must be an integer >= 1, got 0"]
 
 
+def test_serve_on_a_taken_port_or_unknown_host_says_so_before_loading_the_model(capsys, monkeypatch):
+    import socket
+
+    from dgemma import api
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api.DiffusionGemma, "from_pretrained", no_load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(capsys, "serve", "--model", "tiny", "--device", "cpu", "--port", str(port))
+    assert_one_line_error(code, err, f"cannot listen on 127.0.0.1:{port}:", "in use")
+    code, out, err = run(capsys, "serve", "--model", "tiny", "--device", "cpu", "--host", "no-such-host.invalid")
+    assert_one_line_error(code, err, "--host no-such-host.invalid:")
+
+
 @pytest.mark.parametrize("argv, words", [
     (["generate", "Hello", "--device", "meta"], ["--device meta", "unsupported device type"]),
     (["generate", "Hello", "--seed", str(2**64)], ["--seed", "must be in [-2**63, 2**64)"]),

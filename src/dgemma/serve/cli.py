@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
     device = pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    sock = _bind(args.host, args.port)  # before the model loads: a taken port is said at once, not minutes later
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
     c = model.config.canvas_length
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_denoising_steps)
@@ -104,8 +106,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(model, scheduler, settings)
     print(f"dgemma: serving {name!r} on http://{args.host}:{args.port}: {slots} slots of {max_len} tokens, "
           f"queue {args.max_queue}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), for uvicorn to listen on."""
+    from ..cli import CLIError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise CLIError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _is_loopback(host: str) -> bool:
