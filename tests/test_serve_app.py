@@ -65,3 +65,22 @@ def test_settings_the_engine_cannot_take_are_400_and_the_engine_keeps_running(ht
     assert response.status_code == status
     assert response.json()["error"]["param"] == param and response.json()["error"]["message"] == message
     assert http.get("/health").json() == {"status": "ok"}
+
+
+def test_the_frameworks_own_errors_carry_an_error_code(http):
+    """Unknown routes, wrong methods, an undecodable body and a body that outgrows the limit while it is read
+    (no Content-Length) answer with a code, like the server's own errors."""
+    assert http.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    assert http.get("/v1/completions").json()["error"]["code"] == "method_not_allowed"
+    response = http.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\xff"}',
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"] == {"message": "the request body could not be read as JSON (is it UTF-8?)",
+                                        "type": "invalid_request_error", "param": None, "code": "invalid_json"}
+
+    def chunks():
+        for _ in range(1100):  # past the default 1 MiB
+            yield b" " * 1024
+
+    response = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"

@@ -61,6 +61,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
+# codes for the errors the web framework raises itself (unknown route, wrong method; a body that outgrows the limit
+# while it is read arrives as an HTTPException from the size-limiting middleware)
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -72,7 +77,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's, e.g. not UTF-8
+            return APIError(400, "the request body could not be read as JSON (is it UTF-8?)",
+                            code="invalid_json").response()
+        code = _HTTP_CODES.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # a bug: still an OpenAI-style body
