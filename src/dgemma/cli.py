@@ -44,25 +44,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}{hint}\n")
 
 
-def int_at_least_1(text: str) -> int:
+def int_argument(text: str, ok, rule: str, what: str = "integer") -> int:
+    """An integer command-line value for which `ok(value)` holds (`rule` says which, in the error)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
     return value
+
+
+def int_at_least_1(text: str) -> int:
+    return int_argument(text, lambda v: v >= 1, ">= 1")
 
 
 def seed_value(text: str) -> int:
     """A seed `torch.Generator.manual_seed` takes: -2**63 <= seed < 2**64."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-    if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**64), got {value}")
-    return value
+    return int_argument(text, lambda v: -(2**63) <= v < 2**64, "in [-2**63, 2**64)")
 
 
 def build_parser() -> argparse.ArgumentParser:

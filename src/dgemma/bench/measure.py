@@ -164,11 +164,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         source = f"preset {args.preset}, random weights"
     model, vocab = dg.model, dg.model.text.vocab_size
     context = model.text.max_position_embeddings
-    longest = max(args.prompt_len) + args.canvases * max(args.canvas or [dg.config.canvas_length])
+    widest = max(args.canvas or [dg.config.canvas_length])
+    longest = max(args.prompt_len) + args.canvases * widest
     if longest > context:
-        raise ConfigError(f"--prompt-len {max(args.prompt_len)} + --canvases {args.canvases} x canvas "
-                          f"{max(args.canvas or [dg.config.canvas_length])} = {longest} tokens exceeds the model "
-                          f"context of {context}")
+        raise ConfigError(f"--prompt-len {max(args.prompt_len)} + --canvases {args.canvases} x canvas {widest} = "
+                          f"{longest} tokens exceeds the model context of {context}")
     result: dict[str, Any] = {
         "machine": machine(device), "model": {"source": source, "parameters": sum(p.numel() for p in model.parameters()),
                                                "canvas_length": dg.config.canvas_length, "vocab_size": vocab,

@@ -180,7 +180,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
                     # rows that stopped early ride along in the pass (leaving them out would change how the others'
                     # expert groups round), but their logits, sampling work and self-conditioning input are not
                     # computed again where that is exact
-                    rows = _still_denoising(model, state.done, c)
+                    rows = _exact_subset(model, state.done, c)
                     soft = _self_conditioning(model, state.self_cond, soft, frozen, c)
                     logits = denoise(state.canvas, self_cond_embeddings=soft, rows=rows)
                 frozen = state.done  # rows stopped before this update keep their self-conditioning input
@@ -212,13 +212,15 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         yield GenerationResult(out.tolist(), stats)
 
 
-def _still_denoising(model: DiffusionGemmaModel, done: torch.Tensor, canvas: int) -> torch.Tensor | None:
-    """The rows whose logits a pass needs, when some rows have stopped and leaving those out keeps every bit.
-    CPU only: a GPU's reductions (the entropy's sums) may split their work differently over fewer positions."""
-    if done.device.type != "cpu" or not bool(done.any()):
+def _exact_subset(model: DiffusionGemmaModel, skip: torch.Tensor, canvas: int) -> torch.Tensor | None:
+    """The batch rows not in `skip` [B] (the rows that stopped: their logits are not needed; or whose
+    self-conditioning input is unchanged), when some rows are skipped and leaving them out of the vocabulary
+    matmuls keeps every bit; else None. CPU only: a GPU's reductions (the entropy's sums) may split their work
+    differently over fewer positions."""
+    if skip.device.type != "cpu" or not bool(skip.any()):
         return None
-    rows = (~done).nonzero().flatten()
-    return rows if model.vocab_rows_exact(rows.numel() * canvas, done.numel() * canvas) else None
+    rows = (~skip).nonzero().flatten()
+    return rows if model.vocab_rows_exact(rows.numel() * canvas, skip.numel() * canvas) else None
 
 
 def _self_conditioning(model: DiffusionGemmaModel, probs: torch.Tensor | None, before: torch.Tensor | None,
@@ -228,10 +230,8 @@ def _self_conditioning(model: DiffusionGemmaModel, probs: torch.Tensor | None, b
     where a subset's product rounds them as the whole batch's does."""
     if probs is None:
         return None
-    if before is None or probs.device.type != "cpu" or not bool(frozen.any()):
-        return model.embed_probs(probs)
-    fresh = (~frozen).nonzero().flatten()
-    if not model.vocab_rows_exact(fresh.numel() * canvas, frozen.numel() * canvas):
+    fresh = None if before is None else _exact_subset(model, frozen, canvas)
+    if fresh is None:
         return model.embed_probs(probs)
     return before.index_copy_(0, fresh, model.embed_probs(probs.index_select(0, fresh)))
 

@@ -280,18 +280,13 @@ class Block(nn.Module):
     def feed_forward(self, x: torch.Tensor, split: int | None = None) -> torch.Tensor:
         """The dense MLP and the experts side by side. With `split`, positions [:split] and [split:] of every row
         go through the experts as two separate groups of tokens, as they would in two passes."""
+        # None (autograd, hooks): each norm runs as its module, in the reference's order
         shared = shared_norms(x, self.pre_feedforward_layernorm, self.router.norm, self.pre_feedforward_layernorm_2)
-        if shared is None:
-            dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-            flat = x.reshape(-1, x.shape[-1])
-            weights, ids = self.router(flat)
-            normed = self.pre_feedforward_layernorm_2(flat)
-        else:
-            for_dense, for_router, normed = shared
-            dense = self.post_feedforward_layernorm_1(self.mlp(for_dense))
-            flat = x.reshape(-1, x.shape[-1])
-            weights, ids = self.router(flat, for_router.reshape(flat.shape))
-            normed = normed.reshape(flat.shape)
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x) if shared is None
+                                                           else shared[0]))
+        flat = x.reshape(-1, x.shape[-1])
+        weights, ids = self.router(flat, None if shared is None else shared[1].reshape(flat.shape))
+        normed = self.pre_feedforward_layernorm_2(flat) if shared is None else shared[2].reshape(flat.shape)
         if split is None:
             moe = self.experts(normed, weights, ids).reshape(x.shape)
         else:

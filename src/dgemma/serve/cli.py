@@ -15,7 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ..cli import int_at_least_1
+from ..cli import int_argument, int_at_least_1
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,7 @@ def _positive_float(text: str) -> float:
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
-    return value
+    return int_argument(text, lambda v: 1 <= v <= 65535, "in 1..65535", "port")
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
