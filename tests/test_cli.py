@@ -15,7 +15,7 @@ from dgemma import canvas_view, cli
 from dgemma.cli import main
 from dgemma.tokenizer import byte_tokenizer
 
-FAST = ["--max-new-tokens", "32", "--steps", "4", "--seed", "0", "--device", "cpu"]
+FAST = ["--model", "tiny", "--max-new-tokens", "32", "--steps", "4", "--seed", "0", "--device", "cpu"]
 
 
 
@@ -183,7 +183,7 @@ def test_generate_from_a_checkpoint_directory(capsys, tmp_path):
 
     DiffusionGemma.from_pretrained("tiny").save_pretrained(tmp_path)
     capsys.readouterr()
-    code, out, err = run(capsys, "generate", "Hello", "--model", str(tmp_path), *FAST)
+    code, out, err = run(capsys, "generate", "Hello", *FAST, "--model", str(tmp_path))  # the last --model wins
     assert code == 0, err
     assert "random weights" not in err
 
@@ -263,7 +263,7 @@ def test_checkpoint_without_weights(capsys, tmp_path):
     from dgemma.config import preset
 
     preset("tiny").save(tmp_path)
-    code, out, err = run(capsys, "generate", "Hello", "--model", str(tmp_path), *FAST)
+    code, out, err = run(capsys, "generate", "Hello", *FAST, "--model", str(tmp_path))  # the last --model wins
     assert_one_line_error(code, err, "model.safetensors")
 
 

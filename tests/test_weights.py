@@ -163,7 +163,7 @@ def test_config_files_that_are_not_utf8_or_not_objects(saved):
 
 
 def test_unknown_path_or_preset():
-    with pytest.raises(FileNotFoundError, match="no such model directory .*known presets: 26b-a4b, tiny"):
+    with pytest.raises(FileNotFoundError, match="no such model directory .*shipped models: dgemma-code-tiny; presets, random weights: 26b-a4b, tiny"):
         dgemma.DiffusionGemma.from_pretrained("/nonexistent/model")
 
 

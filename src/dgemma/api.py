@@ -1,6 +1,6 @@
 """The user-facing model object, shaped like transformers' `DiffusionGemmaForBlockDiffusion`.
 
-    model = dgemma.DiffusionGemma.from_pretrained("path/to/checkpoint")        # or a preset: "tiny"
+    model = dgemma.DiffusionGemma.from_pretrained("path/to/checkpoint")  # or "dgemma-code-tiny" (shipped), "tiny" (preset)
     out = model.generate(input_ids=ids, max_new_tokens=256)                     # out.sequences, out.tokens_per_forward
 
 `generate` takes the reference's arguments with the same meanings and defaults; after the same
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .config import ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.autoregressive import generate_ar
 from .engine.generate import CanvasSpec, GenerationStats, stream_generate
 from .engine.static import StaticPool
 from .model.model import DiffusionGemmaModel
 from .model.weights import load_weights, save_weights
+from .shipped import resolve
 from .tokenizer import Tokenizer, byte_tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,13 @@ class DiffusionGemma:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu") -> "DiffusionGemma":
-        """Load a checkpoint directory (HF layout), or build a preset (`tiny`, `26b-a4b`) with random weights."""
+        """Load a checkpoint directory (HF layout) or a shipped model by name (`dgemma-code-tiny`), or build a
+        preset (`tiny`, `bench`, `26b-a4b`) with random weights."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        directory = Path(path)
-        if not directory.exists():
-            if str(path) in PRESETS:
-                log.warning("preset %r: random weights, not a trained model", path)
-                return cls.from_config(preset(str(path)), dtype=dtype, device=device)
-            raise FileNotFoundError(f"{path}: no such model directory (known presets: {', '.join(PRESETS)})")
+        kind, directory = resolve(path)
+        if kind == "preset":
+            log.warning("preset %r: random weights, not a trained model", path)
+            return cls.from_config(preset(str(path)), dtype=dtype, device=device)
         config = DiffusionGemmaConfig.load(directory)
         model = load_weights(directory, config, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None

@@ -17,16 +17,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .canvas_view import CanvasView
 from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .info import format_info, model_info
 from .model.weights import CheckpointError
+from .shipped import DEFAULT_MODEL, SHIPPED, resolve
 
 PROG = "dgemma"
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_HELP = (f"checkpoint directory, shipped model ({', '.join(SHIPPED)}) or preset ({', '.join(PRESETS)}: random "
+              f"weights). Default: {DEFAULT_MODEL}, the small trained code model that comes with dgemma")
 
 
 class CLIError(Exception):
@@ -78,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                "the canvas length. Generation stops at EOS / end-of-turn.")
     g.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="the prompt; read from stdin when absent or '-'")
-    g.add_argument("--model", default="tiny", metavar="PATH_OR_PRESET",
-                   help=f"checkpoint directory or preset ({', '.join(PRESETS)}; random weights). Default: tiny")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
     g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate")
     g.add_argument("--steps", type=int, metavar="N", help="maximum denoising steps per canvas")
     g.add_argument("--canvas-length", type=int_at_least_1, metavar="N",
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="show a model's configuration, size and memory needs",
         description="Summarise a model: architecture, parameter counts, weight memory at several precisions "
                     "and a KV-cache estimate. Reads only config.json (no weights are loaded).")
-    i.add_argument("model", metavar="MODEL", help=f"checkpoint directory or preset ({', '.join(PRESETS)})")
+    i.add_argument("model", metavar="MODEL", help=f"checkpoint directory, shipped model ({', '.join(SHIPPED)}) or "
+                                                 f"preset ({', '.join(PRESETS)})")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=cmd_info)
 
@@ -129,18 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- helpers ----------------------------------------------------------------------------------------
 
 def _resolve_model(name: str) -> tuple[str, DiffusionGemmaConfig, GenerationConfig]:
-    """(source, config, generation config) from a directory's JSON files or a preset; loads no weights.
-    Resolves the way `DiffusionGemma.from_pretrained` does: an existing path wins over a preset name."""
-    path = Path(name)
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"{name}: not a model directory")
-        config = DiffusionGemmaConfig.load(path)
-        return "directory", config, GenerationConfig.load(path, config)
-    if name in PRESETS:
+    """(source, config, generation config) from a directory's JSON files, a shipped model or a preset; loads no
+    weights. Resolves as `DiffusionGemma.from_pretrained` does (`dgemma.shipped.resolve`)."""
+    kind, source = resolve(name)
+    if kind == "preset":
         config = preset(name)
         return "preset", config, GenerationConfig.for_model(config)
-    raise FileNotFoundError(f"{name}: no such model directory or preset (known presets: {', '.join(PRESETS)})")
+    if not source.is_dir():
+        raise CLIError(f"{name}: not a model directory")
+    config = DiffusionGemmaConfig.load(source)
+    return "directory", config, GenerationConfig.load(source, config)
 
 
 class _StderrHandler(logging.Handler):

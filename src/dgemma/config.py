@@ -210,7 +210,7 @@ class DiffusionGemmaConfig:
     def load(cls, directory: str | Path) -> "DiffusionGemmaConfig":
         path = Path(directory, "config.json")
         if not path.is_file():
-            raise ConfigError(f"{path}: no config.json")
+            raise ConfigError(f"{path}: not a file" if path.exists() else f"{path}: no config.json")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -332,6 +332,8 @@ class GenerationConfig:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from e
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        elif path.exists():
+            raise ConfigError(f"{path}: not a file")
         return cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
 
     @classmethod

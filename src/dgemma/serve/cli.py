@@ -15,7 +15,8 @@ import socket
 import sys
 from pathlib import Path
 
-from ..cli import int_argument, int_at_least_1
+from ..cli import MODEL_HELP, int_argument, int_at_least_1
+from ..shipped import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve DiffusionGemma over HTTP: /v1/models, /v1/completions (with `suffix` infilling), "
                     "/v1/chat/completions, /health and Prometheus /metrics. Requests are batched continuously.",
         epilog="The API key may also be given in the DGEMMA_API_KEY environment variable (kept out of `ps`).")
-    s.add_argument("--model", default="tiny", metavar="PATH_OR_PRESET", help="checkpoint directory or preset")
+    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
     s.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000)

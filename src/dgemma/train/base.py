@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..api import DiffusionGemma
-from ..config import PRESETS, ConfigError, DiffusionGemmaConfig, preset
+from ..config import ConfigError, DiffusionGemmaConfig, preset
+from ..shipped import resolve
 from ..tokenizer import Tokenizer
 
 
@@ -19,14 +20,15 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
     takes the tokenizer's vocabulary size, a checkpoint must already have room for it.
     """
     tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None
-    if config_json is not None or not Path(model).is_dir():
+    source = None if config_json is not None else _source(model)
+    if source is None:
         config = _config(model, config_json)
         if tokenizer is not None:
             text = dataclasses.replace(config.text_config, vocab_size=tokenizer.vocab_size)
             config = dataclasses.replace(config, text_config=text)
         base = DiffusionGemma.from_config(config, seed=seed)
     else:
-        base = DiffusionGemma.from_pretrained(model)
+        base = DiffusionGemma.from_pretrained(source)
     if tokenizer is not None:
         if tokenizer.vocab_size > base.config.text_config.vocab_size:
             raise ConfigError(f"tokenizer {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model's "
@@ -37,10 +39,19 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
     return base
 
 
+def _source(model: str) -> Path | None:
+    """The checkpoint directory `model` names (a path or a shipped model), or None for a preset."""
+    try:
+        kind, source = resolve(model)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if kind == "directory" and not source.is_dir():
+        raise ConfigError(f"{model}: not a model directory")
+    return source if kind == "directory" else None
+
+
 def _config(model: str, config_json: str | None) -> DiffusionGemmaConfig:
     if config_json is None:
-        if model not in PRESETS:
-            raise ConfigError(f"{model}: no such model directory (known presets: {', '.join(PRESETS)})")
         return preset(model)
     path = Path(config_json)
     try:
