@@ -152,6 +152,15 @@ def test_config_with_wrong_shapes_or_types(saved, edit, message):
         dgemma.DiffusionGemma.from_pretrained(path)
 
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_config_files_that_are_directories(saved, name):
+    _, path = saved
+    (path / name).unlink()
+    (path / name).mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"{name}: not a file")):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
 def test_config_files_that_are_not_utf8_or_not_objects(saved):
     _, path = saved
     (path / "generation_config.json").write_text("[1, 2]")

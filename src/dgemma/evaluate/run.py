@@ -118,8 +118,8 @@ def add_parser(sub) -> None:
     from ..cli import int_at_least_1
 
     p = sub.add_parser("eval", help="held-out loss and line infilling, diffusion vs AR")
-    p.add_argument("--model", required=True, help="diffusion model directory")
-    p.add_argument("--ar-model", help="AR baseline directory (default: the same model's AR mode)")
+    p.add_argument("--model", required=True, help="diffusion model: a directory or a shipped model's name")
+    p.add_argument("--ar-model", help="AR baseline: a directory or a name (default: the same model's AR mode)")
     p.add_argument("--steps", type=int_at_least_1, default=16)
     p.add_argument("--hole", type=int_at_least_1,
                    help="places in the hole for the hidden line (default: half the canvas)")
