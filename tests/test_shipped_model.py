@@ -91,6 +91,11 @@ def test_not_installed_or_empty_name(tmp_path, monkeypatch):
     for name in ("", " "):
         with pytest.raises(dgemma.ConfigError, match="empty model name"):
             dgemma.DiffusionGemma.from_pretrained(name)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(dgemma.ConfigError, match="weights.bin: not a model directory"):
+        dgemma.DiffusionGemma.from_pretrained("weights.bin")
+    with pytest.raises(dgemma.ConfigError, match="weights.bin: not a model directory"):
+        load_base("weights.bin")
 
 
 def test_cli_uses_the_shipped_model_by_default(capsys, tmp_path, monkeypatch):
@@ -105,6 +110,9 @@ def test_cli_uses_the_shipped_model_by_default(capsys, tmp_path, monkeypatch):
     assert default["model"] == "dgemma-code-tiny" and default["tokens"] == by_path["tokens"]
     assert main(["generate", "x", "--model", ""]) != 0
     assert "dgemma: error: empty model name" in capsys.readouterr()[1]
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["info", "notes.txt"]) != 0
+    assert "dgemma: error: notes.txt: not a model directory" in capsys.readouterr()[1]
 
 
 def test_fine_tuning_starts_from_the_name(model, tmp_path, monkeypatch):

@@ -137,8 +137,6 @@ def _resolve_model(name: str) -> tuple[str, DiffusionGemmaConfig, GenerationConf
     if kind == "preset":
         config = preset(name)
         return "preset", config, GenerationConfig.for_model(config)
-    if not source.is_dir():
-        raise CLIError(f"{name}: not a model directory")
     config = DiffusionGemmaConfig.load(source)
     return "directory", config, GenerationConfig.load(source, config)
 

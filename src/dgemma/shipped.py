@@ -39,13 +39,16 @@ def _roots() -> list[Path]:
 
 def resolve(name: str | Path) -> tuple[str, Path | str]:
     """("directory", path) or ("preset", name) for a model argument: an existing path first, then a shipped
-    model's name, then a preset (random weights). Raises FileNotFoundError (ConfigError for an empty name)."""
+    model's name, then a preset (random weights). Raises FileNotFoundError (ConfigError for an empty name or a path
+    that is not a directory)."""
     text = str(name)
     if not text.strip():
         raise ConfigError("empty model name: give a checkpoint directory, a shipped model "
                           f"({', '.join(SHIPPED)}) or a preset ({', '.join(PRESETS)})")
     path = Path(name)
     if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{text}: not a model directory")
         return "directory", path
     shipped = shipped_dir(text)
     if shipped is not None:

@@ -45,8 +45,6 @@ def _source(model: str) -> Path | None:
         kind, source = resolve(model)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    if kind == "directory" and not source.is_dir():
-        raise ConfigError(f"{model}: not a model directory")
     return source if kind == "directory" else None
 
 
