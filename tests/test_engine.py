@@ -131,6 +131,12 @@ def test_ar_mode_is_greedy_decoding_of_the_encoder(tiny):
     (dict(seed=[1, 2]), "got 2 seeds for a batch of 1"),
     (dict(decoder_input_ids=torch.zeros(1, 5, dtype=torch.long)), "starting canvas has shape [1, 5], expected [1, 32]"),
     (dict(fixed_mask=torch.ones(1, 32, dtype=torch.bool)), "fixed_mask needs decoder_input_ids"),
+    (dict(decoder_input_ids=torch.full((1, 32), 600)), "starting canvas has token ids outside the vocabulary [0, 512)"),
+    (dict(decoder_input_ids=torch.full((1, 32), -1)), "starting canvas has token ids outside the vocabulary"),
+    (dict(eos_token_id="1"), "eos_token_id must be a token id or a list of them"),
+    (dict(eos_token_id=[1, -3]), "eos_token_id must be a token id or a list of them"),
+    (dict(pad_token_id=512), "pad_token_id 512 is outside the vocabulary [0, 512)"),
+    (dict(generation_config=3), "generation_config must be a dgemma GenerationConfig or transformers'"),
 ])
 def test_invalid_settings_raise_clear_errors(tiny, kwargs, message):
     with pytest.raises(ConfigError) as e:
@@ -147,6 +153,41 @@ def test_invalid_prompts_raise_clear_errors(tiny, ids, message):
     with pytest.raises(ConfigError) as e:
         tiny.generate(input_ids=ids, max_new_tokens=32)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(0, 5, dtype=torch.long), []])
+def test_an_empty_batch_is_refused(tiny, ids):
+    for call in (tiny.generate, tiny.generate_ar):
+        with pytest.raises(ConfigError, match="no prompts given"):
+            call(input_ids=ids, max_new_tokens=32)
+
+
+def test_a_flat_list_and_a_tensor_of_eos_ids_are_taken_as_transformers_takes_them(tiny):
+    flat = tiny.generate(input_ids=[2, 5, 6], max_new_tokens=32, seed=0, eos_token_id=torch.tensor([1, 7]))
+    rows = tiny.generate(input_ids=[[2, 5, 6]], max_new_tokens=32, seed=0, eos_token_id=[1, 7])
+    assert flat.sequences.tolist() == rows.sequences.tolist()
+    assert tiny.generate_ar([2, 5, 6], max_new_tokens=4).sequences.tolist() == \
+        tiny.generate_ar([[2, 5, 6]], max_new_tokens=4).sequences.tolist()
+
+
+def test_a_generation_config_object_keeps_the_checkpoint_settings_it_does_not_set(tiny):
+    """Fields a GenerationConfig leaves at their defaults come from the model's own generation config (its EOS,
+    its step budget), as transformers layers them."""
+    saved = tiny.generation_config
+    tiny.generation_config = saved.updated(max_denoising_steps=3, eos_token_id=[7])
+    try:
+        out = tiny.generate(input_ids=[[2, 5, 6]], seed=0, generation_config=dgemma.GenerationConfig(max_new_tokens=64))
+        same = tiny.generate(input_ids=[[2, 5, 6]], seed=0, max_new_tokens=64)
+    finally:
+        tiny.generation_config = saved
+    assert out.sequences.tolist() == same.sequences.tolist()
+    assert max(out.stats.passes_per_canvas[0]) <= 3
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8", torch.int64])
+def test_a_weight_dtype_that_is_not_a_float_type_is_refused(dtype):
+    with pytest.raises(ConfigError, match="dtype must be one of float32, bfloat16, float16"):
+        dgemma.DiffusionGemma.from_pretrained("tiny", dtype=dtype)
 
 
 def test_generation_leaves_stopped_rows_logits_out_only_where_the_check_allows(monkeypatch):

@@ -163,3 +163,66 @@ def test_batch_with_rows_stopping_apart_reproduces_transformers(reference_checkp
         assert got.sequences.tolist() == expected.sequences.tolist(), f"seed {seed}"
     assert any(s is not None and 0 < len(s) < 4 for s in subsets)  # the subset path was taken
     assert 0 < min(embedded) < 4  # some passes computed the self-conditioning input of fewer rows
+
+
+class _Recorder:
+    """A transformers-style streamer that records what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(("put", value.tolist()))
+
+    def put_draft(self, value):
+        self.calls.append(("draft", value.tolist()))
+
+    def end(self):
+        self.calls.append(("end",))
+
+
+def test_settings_objects_lengths_and_streamers_resolve_as_in_transformers(reference_checkpoint):
+    """A generation_config object (transformers' or dgemma's) is layered over the checkpoint's settings, max_length
+    applies only while max_new_tokens is at its default, return_dict_in_generate=False returns the tensor, and a
+    streamer sees the same prompt, drafts and canvases."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    path, ref = reference_checkpoint("multi", "confident")
+    ours = dgemma.DiffusionGemma.from_pretrained(path)
+    prompt = torch.tensor([[2, 9, 10, 11, 12]])
+    hf_config = DiffusionGemmaGenerationConfig(max_new_tokens=24, max_denoising_steps=6, eos_token_id=1)
+    cases = [
+        (dict(generation_config=hf_config), None),
+        (dict(generation_config=hf_config), dict(generation_config=dgemma.GenerationConfig(
+            max_new_tokens=24, max_denoising_steps=6, eos_token_id=1))),
+        (dict(max_length=21, max_denoising_steps=6), None),  # 16 new tokens
+        (dict(max_length=21, max_new_tokens=256, max_denoising_steps=6), None),  # the reference's 256 rule
+        (dict(max_length=21, max_new_tokens=8, max_denoising_steps=6), None),  # max_new_tokens wins
+        (dict(max_new_tokens=16, max_denoising_steps=6, return_dict_in_generate=False), None),
+    ]
+    for i, (settings, own_settings) in enumerate(cases):
+        torch.manual_seed(i)
+        ref_streamer, streamer = _Recorder(), _Recorder()
+        expected = ref.generate(prompt, streamer=ref_streamer, **settings)
+        torch.manual_seed(i)
+        got = ours.generate(input_ids=prompt, streamer=streamer, **(own_settings or settings))
+        if settings.get("return_dict_in_generate") is False:
+            assert isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor)
+            assert got.tolist() == expected.tolist()
+        else:
+            assert got.sequences.tolist() == expected.sequences.tolist(), settings
+        assert streamer.calls == ref_streamer.calls, settings
+
+    # a checkpoint whose max_new_tokens is not 256 ignores max_length in both
+    saved = ref.generation_config.max_new_tokens
+    ref.generation_config.max_new_tokens = 16
+    ours.generation_config = ours.generation_config.updated(max_new_tokens=16)
+    try:
+        torch.manual_seed(0)
+        expected = ref.generate(prompt, max_length=40, max_denoising_steps=6)
+        torch.manual_seed(0)
+        got = ours.generate(input_ids=prompt, max_length=40, max_denoising_steps=6)
+        assert got.sequences.shape[1] == prompt.shape[1] + 16
+        assert got.sequences.tolist() == expected.sequences.tolist()
+    finally:
+        ref.generation_config.max_new_tokens = saved

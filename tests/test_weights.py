@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dgemma
+import dgemma.cli
 from dgemma import CheckpointError, ConfigError
 from dgemma.config import DiffusionGemmaConfig, GenerationConfig, preset
 
@@ -138,6 +139,7 @@ def test_config_that_is_not_diffusion_gemma(saved):
 @pytest.mark.parametrize("edit, message", [
     (lambda cfg: [cfg], "config.json: expected a JSON object, got list"),
     (lambda cfg: {**cfg, "text_config": [1]}, "config.json: text_config must be a JSON object, got list"),
+    (lambda cfg: {**cfg, "text_config": []}, "config.json: text_config must be a JSON object, got list"),
     (lambda cfg: {**cfg, "text_config": {**cfg["text_config"], "hidden_size": "64"}},
      "config.json: text_config.hidden_size must be an integer >= 1, got '64'"),
     (lambda cfg: {**cfg, "text_config": {**cfg["text_config"], "vocab_size": 0}},
@@ -159,6 +161,20 @@ def test_config_files_that_are_directories(saved, name):
     (path / name).mkdir()
     with pytest.raises(ConfigError, match=re.escape(f"{name}: not a file")):
         dgemma.DiffusionGemma.from_pretrained(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(max_new_tokens="x"), "generation_config.json: max_new_tokens must be an integer >= 1, got 'x'"),
+    (dict(t_min=0.9, t_max=0.5), "generation_config.json: t_min (0.9) must not exceed t_max (0.5)"),
+    (dict(eos_token_id="1"), "generation_config.json: eos_token_id must be a token id or a list of them"),
+])
+def test_generation_config_with_invalid_settings(saved, edit, message):
+    _, path = saved
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, **edit}))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        dgemma.DiffusionGemma.from_pretrained(path)
+    assert dgemma.cli.main(["info", str(path)]) == 1
 
 
 def test_config_files_that_are_not_utf8_or_not_objects(saved):

@@ -10,6 +10,7 @@ random stream instead, so a row's tokens do not depend on the rest of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 
 from .config import ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.autoregressive import generate_ar
-from .engine.generate import CanvasSpec, GenerationStats, stream_generate
+from .engine.generate import CanvasCommit, CanvasSpec, DenoiseStep, GenerationStats, stream_generate
 from .engine.static import StaticPool
 from .model.model import DiffusionGemmaModel
 from .model.weights import load_weights, save_weights
@@ -55,8 +56,14 @@ def init_weights(model: DiffusionGemmaModel, seed: int = 0) -> DiffusionGemmaMod
 
 
 def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
+    if input_ids is None:
+        raise ConfigError("input_ids is required")
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids
+    elif len(input_ids) == 0:
+        raise ConfigError("no prompts given")
+    elif all(isinstance(t, int) for t in input_ids):  # one prompt as a flat list of ids
+        ids = torch.tensor(input_ids, dtype=torch.long)
     else:
         rows = [list(r) for r in input_ids]
         if len({len(r) for r in rows}) > 1:
@@ -66,12 +73,48 @@ def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
         ids = ids[None]
     if ids.dim() != 2:
         raise ConfigError(f"input_ids must be [batch, length], got shape {list(ids.shape)}")
+    if ids.shape[0] == 0:
+        raise ConfigError(f"no prompts given (input_ids has shape {list(ids.shape)})")
     if attention_mask is None:
         return ids.tolist(), ids
     mask = torch.as_tensor(attention_mask).bool()
     if mask.shape != ids.shape:
         raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
     return [row[m].tolist() for row, m in zip(ids, mask)], ids
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _float_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The weight dtype: a torch dtype or its name; fp32, bf16 or fp16 only."""
+    named = _DTYPES.get(str(dtype).removeprefix("torch."))
+    if named is None:
+        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return named
+
+
+def _config_overrides(config) -> dict:
+    """The settings a `generation_config` argument sets: for a dgemma `GenerationConfig`, the fields that differ
+    from its defaults; for transformers' `DiffusionGemmaGenerationConfig` (anything with the same `to_dict`), the
+    fields that are not None. The rest come from the model's generation config, as in transformers."""
+    if isinstance(config, GenerationConfig):
+        default = GenerationConfig()
+        return {f: getattr(config, f) for f in _GEN_FIELDS if getattr(config, f) != getattr(default, f)}
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        raise ConfigError("generation_config must be a dgemma GenerationConfig or transformers' "
+                          f"DiffusionGemmaGenerationConfig, got {type(config).__name__}")
+    d = to_dict()
+    out = {f: d[f] for f in _GEN_FIELDS if d.get(f) is not None}
+    sampler = d.get("sampler_config")
+    bound = sampler.get("entropy_bound") if isinstance(sampler, dict) else getattr(sampler, "entropy_bound", None)
+    if bound is not None:
+        out["entropy_bound"] = bound
+    return out
+
+
+_GEN_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 
 class DiffusionGemma:
@@ -105,7 +148,7 @@ class DiffusionGemma:
                         device: str | torch.device = "cpu") -> "DiffusionGemma":
         """Load a checkpoint directory (HF layout) or a shipped model by name (`dgemma-code-tiny`), or build a
         preset (`tiny`, `bench`, `26b-a4b`) with random weights."""
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = _float_dtype(dtype)
         kind, directory = resolve(path)
         if kind == "preset":
             log.warning("preset %r: random weights, not a trained model", path)
@@ -126,20 +169,30 @@ class DiffusionGemma:
             (path / "chat_template.jinja").write_text(self.tokenizer.chat_template)
 
     # -- generation ------------------------------------------------------------------------------
-    def _generation_config(self, generation_config: GenerationConfig | None, prompt_len: int,
-                           kwargs: dict) -> GenerationConfig:
+    def _generation_config(self, generation_config, prompt_len: int, kwargs: dict) -> GenerationConfig:
+        """The settings of one call, as transformers resolves them: the model's generation config, then what a
+        `generation_config` argument sets, then keyword arguments."""
         steps = kwargs.pop("num_diffusion_steps", None)
         if steps is not None:
             if kwargs.get("max_denoising_steps") not in (None, steps):
                 raise ConfigError("num_diffusion_steps and max_denoising_steps disagree; pass one of them")
             kwargs["max_denoising_steps"] = steps
-        gen = (generation_config or self.generation_config).updated(**kwargs)
-        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
-            # as in transformers: max_length counts the prompt; max_new_tokens wins when both are given
-            if gen.max_length <= prompt_len:
-                raise ConfigError(f"max_length ({gen.max_length}) leaves no room after the {prompt_len}-token prompt")
-            gen = gen.updated(max_new_tokens=gen.max_length - prompt_len)
+        gen = self.generation_config
+        if generation_config is not None:
+            gen = gen.updated(**_config_overrides(generation_config))
+        gen = gen.updated(**kwargs)
         gen.validate()
+        if gen.max_length is not None:
+            # the reference's rule: max_length (which counts the prompt) applies while max_new_tokens is at its
+            # default of 256; any other max_new_tokens, from the call or the checkpoint, takes precedence
+            if gen.max_new_tokens == 256:
+                if gen.max_length <= prompt_len:
+                    raise ConfigError(f"max_length ({gen.max_length}) leaves no room after the {prompt_len}-token "
+                                      "prompt")
+                gen = gen.updated(max_new_tokens=gen.max_length - prompt_len)
+            else:
+                log.warning("max_length=%d is ignored: max_new_tokens=%d takes precedence", gen.max_length,
+                            gen.max_new_tokens)
         return gen
 
     def _generators(self, batch: int, seed, do_sample: bool) -> list[torch.Generator] | None:
@@ -158,10 +211,8 @@ class DiffusionGemma:
         `GenerationResult`. `decoder_input_ids` [B, C] starts the first canvas; `fixed_mask` [B, C] marks
         positions whose given token is kept (never re-noised). `static_cache` (default: on for CUDA) runs the
         decoder passes with fixed shapes over a reused cache, captured as a CUDA graph on the GPU."""
-        if input_ids is None:
-            raise ConfigError("input_ids is required")
-        prompts, _ = _as_rows(input_ids, attention_mask)
-        gen = self._generation_config(generation_config, max(len(p) for p in prompts), kwargs)
+        prompts, ids = _as_rows(input_ids, attention_mask)
+        gen = self._generation_config(generation_config, ids.shape[1], kwargs)
         start = None
         if decoder_input_ids is not None:
             tokens = torch.as_tensor(decoder_input_ids, dtype=torch.long)
@@ -175,15 +226,36 @@ class DiffusionGemma:
         yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start,
                                    self._static if static_cache else None)
 
-    def generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
-                 **kwargs) -> GenerateOutput:
-        """Same arguments and defaults as transformers' `generate` (plus `seed`, `fixed_mask`)."""
-        result = None
-        for result in self.stream_generate(input_ids, attention_mask, generation_config, **kwargs):
-            pass
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
+                 return_dict_in_generate: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
+        """Same arguments and defaults as transformers' `generate` (plus `seed`, `fixed_mask`). `streamer` gets
+        the prompt, each pass's draft (`put_draft(value=...)`, where it has that method) and each committed canvas
+        (`put`), then `end()`, as transformers' streamers do. With `return_dict_in_generate=False` (argument or
+        `generation_config` attribute) it returns the sequences tensor only."""
+        if return_dict_in_generate is None:
+            return_dict_in_generate = getattr(generation_config, "return_dict_in_generate", True)
+        if streamer is not None and getattr(streamer, "_takes_logits", False):
+            raise ConfigError("streamers that take the draft logits (_takes_logits) are not supported; "
+                              "use DiffusionGemma.stream_generate for per-pass output")
         _, ids = _as_rows(input_ids, attention_mask)
+        draft = getattr(streamer, "put_draft", None)
+        result, started = None, False
+        for result in self.stream_generate(input_ids, attention_mask, generation_config, **kwargs):
+            if streamer is None or not isinstance(result, (DenoiseStep, CanvasCommit)):
+                continue
+            if not started:  # the prompt once the settings have been checked, as the reference puts it
+                streamer.put(ids.cpu())
+                started = True
+            if isinstance(result, CanvasCommit):
+                streamer.put(result.tokens.cpu())
+            elif draft is not None:
+                draft(value=result.draft.cpu())
+        if streamer is not None:
+            streamer.end()
         generated = torch.tensor(result.tokens, dtype=torch.long)
         sequences = torch.cat([ids.cpu(), generated], dim=1)
+        if not return_dict_in_generate:
+            return sequences
         return GenerateOutput(sequences, torch.tensor(result.stats.tokens_per_forward), result.stats)
 
     def generate_ar(self, input_ids, attention_mask=None, max_new_tokens: int = 256, temperature: float = 0.0,

@@ -194,7 +194,8 @@ class DiffusionGemmaConfig:
         mt = d.get("model_type")
         if mt != "diffusion_gemma":
             raise ConfigError(f"config model_type is {mt!r}: not a DiffusionGemma checkpoint (expected 'diffusion_gemma')")
-        text_config = d.get("text_config") or {}
+        text_config = d.get("text_config")
+        text_config = {} if text_config is None else text_config  # absent: the defaults, as in transformers
         if not isinstance(text_config, dict):
             raise ConfigError(f"text_config must be a JSON object, got {type(text_config).__name__}")
         text = TextConfig.from_hf_dict(text_config)
@@ -259,8 +260,14 @@ class GenerationConfig:
     bos_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_id, int):
-            self.eos_token_id = [self.eos_token_id]
+        eos = self.eos_token_id
+        if hasattr(eos, "tolist"):  # a tensor or an array, as transformers accepts
+            eos = eos.tolist()
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            eos = [eos]
+        elif isinstance(eos, tuple):
+            eos = list(eos)
+        self.eos_token_id = eos
 
     def validate(self, canvas_length: int | None = None) -> None:
         def positive_int(name: str, value: Any) -> None:
@@ -286,6 +293,14 @@ class GenerationConfig:
             raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
         if not _is_real(self.confidence_threshold) or self.confidence_threshold <= 0:
             raise ConfigError(f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        eos = self.eos_token_id
+        if eos is not None and (not isinstance(eos, list)
+                                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in eos)):
+            raise ConfigError(f"eos_token_id must be a token id or a list of them (integers >= 0), got {eos!r}")
 
     def updated(self, **overrides: Any) -> "GenerationConfig":
         """A copy with the non-None overrides applied; unknown names raise."""
@@ -334,7 +349,12 @@ class GenerationConfig:
                 raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         elif path.exists():
             raise ConfigError(f"{path}: not a file")
-        return cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
+        gen = cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
+        try:
+            gen.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+        return gen
 
     @classmethod
     def for_model(cls, model_config: DiffusionGemmaConfig, **kwargs: Any) -> "GenerationConfig":

@@ -101,6 +101,12 @@ def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen:
             raise ConfigError(f"starting canvas has shape {list(start.tokens.shape)}, expected {list(want)}")
         if start.fixed is not None and tuple(start.fixed.shape) != want:
             raise ConfigError(f"fixed-position mask has shape {list(start.fixed.shape)}, expected {list(want)}")
+        bad = start.tokens[(start.tokens < 0) | (start.tokens >= text.vocab_size)]
+        if bad.numel():
+            raise ConfigError(f"starting canvas has token ids outside the vocabulary [0, {text.vocab_size}): "
+                              f"{bad[:5].tolist()}")
+    if gen.pad_token_id is not None and not 0 <= gen.pad_token_id < text.vocab_size:
+        raise ConfigError(f"pad_token_id {gen.pad_token_id} is outside the vocabulary [0, {text.vocab_size})")
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
