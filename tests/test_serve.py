@@ -75,15 +75,16 @@ def tiny():
 def _expected(tiny, prompt: list[int], max_tokens: int, seed: int, chat: bool = False, start=None,
               hole: int | None = None) -> tuple[str, str]:
     """(reasoning, text) of `stream_generate` alone: the first `max_tokens` tokens (the hole's, when infilling)
-    before the first stop token, decoded as the API presents them."""
+    before the first stop token (or filler, when infilling), decoded as the API presents them."""
     tok = tiny.tokenizer
     stops = set(tiny.generation_config.eos_token_id) | set(tok.stop_ids)
+    hole_end = {tok.token_to_id("<|fill|>")} if hole else set()
     gen = tiny.generation_config.updated(max_new_tokens=max_tokens, max_denoising_steps=STEPS,
                                          eos_token_id=sorted(stops))
     *_, result = stream_generate(tiny.model, [prompt], gen, [torch.Generator().manual_seed(seed)], start)
     kept = []
     for t in result.tokens[0][:hole or max_tokens]:
-        if t in stops:
+        if t in stops | hole_end:
             break
         kept.append(t)
     if not chat:

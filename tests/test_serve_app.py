@@ -84,3 +84,56 @@ def test_the_frameworks_own_errors_carry_an_error_code(http):
 
     response = http.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("field", ["prompt", "suffix"])
+def test_text_with_a_lone_surrogate_is_a_400(http, field):
+    """JSON can carry half of a UTF-16 pair; the tokenizer cannot take it (it raised a TypeError: a 500)."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, field: "a\\ud800b"}
+    content = "{" + ", ".join(f'"{k}": ' + (f'"{v}"' if isinstance(v, str) else str(v)) for k, v in body.items()) + "}"
+    response = http.post("/v1/completions", content=content.encode(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == field and "not valid Unicode: surrogates not allowed at character 1" in error["message"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"t_min": 0, "t_max": 1e-40}, "t_max must lie in [1e-06, 1e+06], got 1e-40"),  # came back empty, with a 200
+    ({"t_min": 1e38, "t_max": 1e39}, "t_max must lie in [1e-06, 1e+06], got 1e+39"),
+    ({"n": 7}, "7 requests submitted together; this server holds at most 6 at once (2 slots and a queue of 4)"),
+])
+def test_requests_the_server_can_never_run_are_400_not_busy(http, extra, message):
+    """Out-of-range temperatures, and more choices than slots and queue together (that was a 429 with
+    Retry-After, which a client would retry for ever)."""
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4, **extra})
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+
+
+def test_an_infill_completion_ends_at_the_filler():
+    """A model trained to pad the hole writes the filler after its completion: infill jobs stop there (finish
+    reason "stop", the filler's tail not counted); plain completions do not."""
+    from dgemma.serve.jobs import JobBuilder, Limits
+    from dgemma.serve.output import ChoiceOutput, TextDecoder
+    from dgemma.serve.protocol import CompletionRequest
+    from dgemma.tokenizer import FILL_TOKEN
+
+    model = DiffusionGemma.from_pretrained("tiny")
+    jobs, tok = JobBuilder(model, "tiny", Limits()), model.tokenizer
+    fill = tok.token_to_id(FILL_TOKEN)
+    infill = jobs.completion(CompletionRequest(model="tiny", prompt="a = ", suffix="\nb = 2", max_tokens=8, seed=0))
+    plain = jobs.completion(CompletionRequest(model="tiny", prompt="a = ", max_tokens=8, seed=0))
+    assert infill.hole_end_ids == {fill} and plain.hole_end_ids == frozenset()
+    out = ChoiceOutput(TextDecoder(tok), set(jobs.stop_ids) | infill.hole_end_ids, [], False, tok.pad_id, 8)
+    out.add_canvas(tok.encode("12", add_bos=False) + [fill] * 6 + [50] * 24, passes=3)
+    assert out.finish_reason == "stop" and out.text() == ("", "12") and out.completion_tokens == 3
+
+
+def test_the_served_name_is_the_model_directorys_even_for_dot(tmp_path, monkeypatch):
+    from dgemma.serve.cli import served_name
+
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert served_name(".") == "my-model"  # was '' (clients had to send "model": "")
+    assert served_name(str(tmp_path / "my-model") + "/") == "my-model"
+    assert served_name("dgemma-code-tiny") == "dgemma-code-tiny"
+    assert served_name(".", "custom") == "custom"

@@ -46,6 +46,23 @@ def test_reasoning_is_split_from_the_answer():
     assert c.text() == ("Let me think.", "The answer.")
 
 
+@pytest.mark.parametrize("opened, expected", [
+    (False, ("", "def foo(): return 1 hello world")),  # a stray closing marker: the streamed content stands
+    (True, ("def foo(): return 1", "hello world")),  # the prompt opened the channel: reasoning from the start
+])
+def test_a_closing_marker_without_an_opener_does_not_take_back_streamed_text(opened, expected):
+    """The deltas add up to the final (reasoning, content) also when a `<channel|>` arrives with no opener in the
+    output (it used to turn content already streamed into reasoning)."""
+    c = ChoiceOutput(DECODER, STOPS, [], True, pad_id=0, limit=1000, opened=opened)
+    sent = ["", ""]
+    for canvas in (ids("def foo(): return 1") + [UNUSED], ids("<channel|> hello world") + [106]):
+        c.add_canvas(canvas, passes=1)
+        reasoning, content = c.delta()
+        sent = [sent[0] + reasoning, sent[1] + content]
+    assert c.text() == expected
+    assert (sent[0].strip(), sent[1].strip()) == expected
+
+
 def test_streaming_deltas_hold_back_a_possible_stop_string_and_add_up():
     c = choice(stop_strings=["END"])
     c.add_canvas(ids("one two E") + [UNUSED], passes=1)

@@ -242,6 +242,9 @@ class DiffusionGemmaConfig:
         return {"total": total, "active": active, "embedding": embed, "experts": experts_total}
 
 
+TEMPERATURE_RANGE = (1e-6, 1e6)  # t_max; t_min lies in [0, t_max]
+
+
 @dataclass
 class GenerationConfig:
     """Diffusion sampling settings (`generation_config.json`); defaults are the reference defaults."""
@@ -288,6 +291,9 @@ class GenerationConfig:
             raise ConfigError(f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
         if self.t_max <= 0:
             raise ConfigError(f"t_max must be > 0, got {self.t_max}")
+        # beyond these the temperature-scaled logits leave fp32's range (inf or NaN probabilities)
+        if not TEMPERATURE_RANGE[0] <= self.t_max <= TEMPERATURE_RANGE[1]:
+            raise ConfigError(f"t_max must lie in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], got {self.t_max}")
         if isinstance(self.stability_threshold, bool) or not isinstance(self.stability_threshold, int) \
                 or self.stability_threshold < 0:
             raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")

@@ -44,6 +44,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
+from .config import ConfigError
+
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 TURN_END = "<turn|>"
 CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
@@ -176,6 +178,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it (`<|turn>`, ...) become their ids."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer's own error would be a bare TypeError
+            raise ConfigError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
         ids = self._backend.encode(text, add_special_tokens=False).ids
         return [self._bos_id, *ids] if add_bos else ids
 
@@ -213,16 +219,17 @@ class Tokenizer:
         return self.encode(text, add_bos=False) if tokenize else text
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
+def split_reasoning(text: str, opened: bool | None = None) -> tuple[str, str]:
     """Split generated text into (reasoning, content).
 
     Reasoning is the text inside `<|channel>thought\\n ... <channel|>` blocks (joined by newlines; an unclosed
-    block from a truncated generation runs to the end, and text before a `<channel|>` that has no opening
-    marker counts as reasoning, for prompts that open the channel themselves). Content is everything else.
-    Both are stripped. Decode with special tokens kept, or the markers are gone.
+    block from a truncated generation runs to the end). `opened`: whether the prompt left a channel open, so
+    that the text starts inside it; None guesses so when the first marker is a `<channel|>` (text before it
+    then counts as reasoning). Content is everything else. Both are stripped. Decode with special tokens kept,
+    or the markers are gone.
     """
     parts = _CHANNEL_MARKERS.split(text)  # text, marker, text, marker, ..., text
-    in_channel = len(parts) > 1 and parts[1] == CHANNEL_END
+    in_channel = (len(parts) > 1 and parts[1] == CHANNEL_END) if opened is None else opened
     reasoning: list[str] = []
     content: list[str] = []
     for i, part in enumerate(parts):

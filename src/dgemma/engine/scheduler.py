@@ -222,6 +222,10 @@ class Scheduler:
         """
         for r in requests:
             self.check(r)
+        if len(requests) > self.slots + self.max_queue:  # could never be queued together: not worth a retry
+            raise ConfigError(f"{len(requests)} requests submitted together; this server holds at most "
+                              f"{self.slots + self.max_queue} at once ({self.slots} slots and a queue of "
+                              f"{self.max_queue})")
         now = time.perf_counter()
         with self._lock:
             free = self.slots - len(self._active)

@@ -66,6 +66,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def served_name(model: str, served_model_name: str | None = None) -> str:
+    """The model id clients send: `--served-model-name`, else the model directory's name (`.` included)."""
+    return served_model_name or Path(model).resolve().name or model
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -93,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     slots = slots_for_budget(model.config.text_config, max_len, c, model.model.dtype, int(args.kv_cache_gib * 2**30),
                              args.max_slots)
     scheduler = Scheduler(model.model, slots, max_len, args.max_queue)
-    name = args.served_model_name or Path(args.model).name
+    name = served_name(args.model, args.served_model_name)
     api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
     if api_key is None and not _is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..api import DiffusionGemma
 from ..config import ConfigError, GenerationConfig
 from ..engine.scheduler import Request
+from ..tokenizer import CHANNEL_END, CHANNEL_START, FILL_TOKEN
 from .errors import APIError
 from .infill import hole_size, infill_canvas
 from .protocol import ChatRequest, CompletionRequest, SamplingRequest
@@ -40,6 +41,8 @@ class Job:
     stream: bool
     include_usage: bool
     include_drafts: bool
+    hole_end_ids: frozenset[int] = frozenset()  # infilling: tokens that end the completion inside the hole (filler)
+    channel_open: bool = False  # chat: the prompt ends inside an open thought channel
 
     @property
     def chat(self) -> bool:
@@ -57,12 +60,16 @@ class JobBuilder:
         base = model.generation_config
         self.stop_ids = list(dict.fromkeys([*(base.eos_token_id or []), *self.tokenizer.stop_ids]))
         self.gen = base.updated(eos_token_id=self.stop_ids)
+        # a model trained to pad an infilling hole writes the filler after its completion: the completion ends there
+        fill = self.tokenizer.token_to_id(FILL_TOKEN)
+        self.filler_ids = frozenset() if fill is None else frozenset({fill})
+        self.channel_ids = (self.tokenizer.token_to_id(CHANNEL_START), self.tokenizer.token_to_id(CHANNEL_END))
 
     def completion(self, body: CompletionRequest) -> Job:
-        prompt = self.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        prompt = self._encode(body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
         if not body.suffix:
             return self._job(body, "text_completion", "cmpl", prompt, self._max_tokens(body.max_tokens))
-        suffix = self.tokenizer.encode(body.suffix, add_bos=False)
+        suffix = self._encode(body.suffix, "suffix", add_bos=False)
         if len(suffix) >= self.canvas_length:
             raise APIError(400, f"suffix has {len(suffix)} tokens; infilling takes at most {self.canvas_length - 1} "
                                 f"(one canvas holds the completion and the suffix)", param="suffix")
@@ -88,9 +95,18 @@ class JobBuilder:
                                                         tokenize=True, **kwargs)
         except Exception as e:  # the template renders user input: whatever it rejects is a bad request
             raise APIError(400, f"chat template: {e}", param="messages") from e
-        return self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens)
+        job = self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens)
+        markers = [t for t in prompt if t in self.channel_ids]
+        job.channel_open = bool(markers) and markers[-1] == self.channel_ids[0]
+        return job
 
     # -- shared ------------------------------------------------------------------------------------
+    def _encode(self, text: str, param: str, add_bos: bool = True) -> list[int]:
+        try:
+            return self.tokenizer.encode(text, add_bos=add_bos)
+        except ConfigError as e:  # text JSON can carry but the tokenizer cannot take (a lone surrogate)
+            raise APIError(400, f"{param}: {e}", param=param) from e
+
     def _max_tokens(self, requested: int | None) -> int:
         if requested is None:
             return min(self.gen.max_new_tokens, self.limits.max_tokens)
@@ -139,7 +155,8 @@ class JobBuilder:
         options = body.stream_options
         return Job(f"{prefix}-{uuid.uuid4().hex}", object_, len(prompt), requests, limit,
                    limit if suffix is not None else None, body.stop_strings(), body.stream,
-                   bool(options and options.include_usage), self._drafts(body))
+                   bool(options and options.include_usage), self._drafts(body),
+                   self.filler_ids if suffix is not None else frozenset())
 
     @staticmethod
     def _drafts(body: SamplingRequest) -> bool:

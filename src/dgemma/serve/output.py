@@ -21,11 +21,13 @@ class TextDecoder:
         self._drop = specials - markers  # kept: the channel markers that delimit reasoning
         self._byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
 
-    def decode(self, tokens: list[int], reasoning: bool) -> tuple[str, str]:
-        """Completions: ("", text without special tokens). Chat: the thought channel split off as reasoning."""
+    def decode(self, tokens: list[int], reasoning: bool, opened: bool = False) -> tuple[str, str]:
+        """Completions: ("", text without special tokens). Chat: the thought channel split off as reasoning;
+        `opened`: the prompt left the channel open (known from the prompt, so text already streamed as content
+        is never taken back as reasoning by a later marker)."""
         if not reasoning:
             return "", self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return split_reasoning(self.tokenizer.decode([t for t in tokens if t not in self._drop]))
+        return split_reasoning(self.tokenizer.decode([t for t in tokens if t not in self._drop]), opened)
 
     def stable_length(self, tokens: list[int]) -> int:
         """How many leading tokens decode to text that no later token changes: up to the last non-byte token."""
@@ -40,9 +42,9 @@ class ChoiceOutput:
     the text cut at the first stop string, and streaming deltas."""
 
     def __init__(self, decoder: TextDecoder, stop_ids: set[int], stop_strings: list[str], reasoning: bool,
-                 pad_id: int, limit: int):
+                 pad_id: int, limit: int, opened: bool = False):
         self.decoder, self.stop_ids, self.stop_strings = decoder, stop_ids, stop_strings
-        self.reasoning, self.pad_id, self.limit = reasoning, pad_id, limit
+        self.reasoning, self.pad_id, self.limit, self.opened = reasoning, pad_id, limit, opened
         self.positions = 0  # generated positions seen, at most `limit`
         self.tokens: list[int] = []
         self.completion_tokens = 0  # generated non-pad tokens, the stop token included
@@ -64,7 +66,7 @@ class ChoiceOutput:
                 self.finish_reason = "stop"
                 return
             self.tokens.append(t)
-        if self._stop_string_at(self.decoder.decode(self.tokens, self.reasoning)[1]) is not None:
+        if self._stop_string_at(self.decoder.decode(self.tokens, self.reasoning, self.opened)[1]) is not None:
             self.finish_reason = "stop"
         elif self.positions == self.limit:
             self.finish_reason = "length"
@@ -79,7 +81,7 @@ class ChoiceOutput:
 
     def text(self) -> tuple[str, str]:
         """(reasoning, content), content cut before the first stop string."""
-        reasoning, content = self.decoder.decode(self.tokens, self.reasoning)
+        reasoning, content = self.decoder.decode(self.tokens, self.reasoning, self.opened)
         return reasoning, content[:self._stop_string_at(content)]
 
     def delta(self) -> tuple[str, str]:
@@ -88,7 +90,7 @@ class ChoiceOutput:
             reasoning, content = self.text()
         else:
             stable = self.tokens[:self.decoder.stable_length(self.tokens)]
-            reasoning, content = self.decoder.decode(stable, self.reasoning)
+            reasoning, content = self.decoder.decode(stable, self.reasoning, self.opened)
             hold = max((len(s) - 1 for s in self.stop_strings), default=0)
             content = content[:max(len(content) - hold, 0)]
             reasoning = "" if THOUGHT_LABEL.startswith(reasoning) else reasoning

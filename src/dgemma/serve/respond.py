@@ -83,8 +83,8 @@ class _Run:
 
     def __init__(self, runner: Runner, job: Job, streams: AsyncStreams):
         self.runner, self.job, self.streams = runner, job, streams
-        self.choices = [ChoiceOutput(runner.decoder, runner.stop_ids, job.stop_strings, job.chat, runner.pad_id,
-                                     job.limit) for _ in job.requests]
+        self.choices = [ChoiceOutput(runner.decoder, runner.stop_ids | job.hole_end_ids, job.stop_strings, job.chat,
+                                     runner.pad_id, job.limit, job.channel_open) for _ in job.requests]
         self.arrived = time.perf_counter()
         self.created = int(time.time())
         self.first_canvas = True
