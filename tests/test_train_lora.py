@@ -89,3 +89,9 @@ def test_cli_lora_run_then_merge(tmp_path, capsys):
     for a, b, c in zip(outputs(merged), outputs(at_end), outputs(base)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert (a - c).abs().max() > 0  # training moved the adapters
+    capsys.readouterr()
+    # an adapter is not a model; a directory without an adapter is not one to merge (peft looked it up online)
+    assert main(["generate", "--model", str(checkpoint), "def f("]) == 1
+    assert "a LoRA adapter, not a model: merge it into its base with `dgemma train merge" in capsys.readouterr().err
+    assert main(["train", "merge", str(out / "base"), "--out", str(tmp_path / "m2")]) == 1
+    assert "base: no adapter_config.json (not a LoRA checkpoint" in capsys.readouterr().err

@@ -49,6 +49,9 @@ def resolve(name: str | Path) -> tuple[str, Path | str]:
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{text}: not a model directory")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").exists():
+            raise ConfigError(f"{text}: a LoRA adapter, not a model: merge it into its base with `dgemma train merge "
+                              f"{text} --out DIR` (or train with --merge) and load DIR")
         return "directory", path
     shipped = shipped_dir(text)
     if shipped is not None:

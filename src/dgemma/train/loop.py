@@ -172,6 +172,9 @@ def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Di
     if cfg.seq_len > model.config.text_config.max_position_embeddings:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model context "
                           f"({model.config.text_config.max_position_embeddings})")
+    with torch.no_grad():  # own, aligned storage: loaded tensors are views into the checkpoint file at arbitrary
+        for t in [*model.model.parameters(), *model.model.buffers()]:  # offsets, where CPU kernels round
+            t.data = t.data.clone()  # differently, so a resumed run would drift from an uninterrupted one
     if not cfg.lora:
         model.model.requires_grad_(True)
     else:

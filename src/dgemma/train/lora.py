@@ -55,15 +55,22 @@ def load_adapter(model: nn.Module, directory: Path) -> None:
         raise ValueError(f"{directory}: adapter weights do not fit the model: {result.unexpected_keys[:4]}")
 
 
+def _adapter_config(directory: Path):
+    """The adapter's LoraConfig, read from the directory only (peft would otherwise look the name up on the Hub)."""
+    if not (Path(directory) / "adapter_config.json").is_file():
+        raise ConfigError(f"{directory}: no adapter_config.json (not a LoRA checkpoint of `dgemma train --lora`)")
+    return _peft().LoraConfig.from_pretrained(str(directory))
+
+
 def adapter_base(directory: Path) -> str | None:
     """The base model recorded in an adapter directory."""
-    return _peft().LoraConfig.from_pretrained(str(directory)).base_model_name_or_path
+    return _adapter_config(directory).base_model_name_or_path
 
 
 def attach_adapter(model: nn.Module, directory: Path) -> None:
     """Add the LoRA layers described by an adapter directory and load its weights."""
     peft = _peft()
-    config = peft.LoraConfig.from_pretrained(str(directory))
+    config = _adapter_config(directory)
     peft.inject_adapter_in_model(config, model)
     load_adapter(model, directory)
 
