@@ -64,6 +64,19 @@ def test_jsonl_formats_put_the_loss_on_the_answer(tmp_path):
     assert prompt == TOK.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
 
 
+def test_json_lines_in_a_json_file_are_records_and_other_json_is_text(tmp_path):
+    """`datasets` writes JSON lines under a `.json` name; those were trained on as raw text, prompts included."""
+    record = {"prompt": "Q: 2+2?", "completion": " 4"}
+    write_jsonl(tmp_path / "lines.json", record, record)
+    write_jsonl(tmp_path / "UPPER.JSONL", record)
+    (tmp_path / "config.json").write_text(json.dumps({"name": "x", "version": 1}, indent=2))
+    (tmp_path / "minified.json").write_text('{"name": "x"}\n')
+    got = [(e.key, target_text(tokenize(e, TOK))) for e in read_records([tmp_path])]
+    assert sum(text == " 4<eos>" for _, text in got) == 3  # two lines of lines.json, one of UPPER.JSONL
+    texts = dict(got)
+    assert texts["config.json"].startswith("{\n") and texts["minified.json"] == '{"name": "x"}\n<eos>'
+
+
 @pytest.mark.parametrize("content, message", [
     ("", "d.jsonl: empty file"),
     ('{"text": "ok"}\n{"text": oops}\n', "d.jsonl:2: invalid JSON"),

@@ -82,7 +82,12 @@ def test_cli_lora_run_then_merge(tmp_path, capsys):
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     assert (out / "base" / "model.safetensors").is_file()  # the random base, kept so the adapter can be merged
 
+    # the adapter keeps the run's tokenizer, and `train merge` gives it to the merged model (it took the base's,
+    # wrong where --tokenizer replaced it): marked here by a chat template of its own
+    assert (checkpoint / "tokenizer.json").is_file()
+    (checkpoint / "chat_template.jinja").write_text("{{ 'the run' }}")
     assert main(["train", "merge", str(checkpoint), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "chat_template.jinja").read_text() == "{{ 'the run' }}"
     merged = dgemma.DiffusionGemma.from_pretrained(tmp_path / "merged").model
     at_end = dgemma.DiffusionGemma.from_pretrained(out / "merged").model
     base = dgemma.DiffusionGemma.from_pretrained(out / "base").model

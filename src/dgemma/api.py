@@ -164,9 +164,13 @@ class DiffusionGemma:
         self.config.save(path)
         self.generation_config.save(path)
         save_weights(self.model, path, max_shard_bytes)
+        self.save_tokenizer(path)
+
+    def save_tokenizer(self, path: str | Path) -> None:
+        """`tokenizer.json` and `chat_template.jinja` (nothing without a tokenizer)."""
         if self.tokenizer is not None:
-            self.tokenizer.backend.save(str(path / "tokenizer.json"))
-            (path / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+            self.tokenizer.backend.save(str(Path(path) / "tokenizer.json"))
+            (Path(path) / "chat_template.jinja").write_text(self.tokenizer.chat_template)
 
     # -- generation ------------------------------------------------------------------------------
     def _generation_config(self, generation_config, prompt_len: int, kwargs: dict) -> GenerationConfig:

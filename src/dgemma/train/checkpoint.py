@@ -51,6 +51,7 @@ def save_checkpoint(out: Path, model: DiffusionGemma, optimizer: torch.optim.Opt
     shutil.rmtree(partial, ignore_errors=True)
     if lora:
         save_adapter(model.model, partial)
+        model.save_tokenizer(partial)  # the run's tokenizer, which `train merge` gives the merged model
     else:
         model.save_pretrained(partial)
     torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)

@@ -13,11 +13,13 @@ from .objective import WEIGHTINGS
 
 EPILOG = """\
 inputs: text files and folders (one document per file; --ext filters what a folder walk finds) and JSONL
-files with {"text"}, {"prompt", "completion"} (loss on the completion) or {"messages"} (chat; loss on the final
-assistant message). Examples are packed into --seq-len rows unless --no-pack.
+files (.jsonl, or .json whose first line is a record) with {"text"}, {"prompt", "completion"} (loss on the
+completion) or {"messages"} (chat; loss on the final assistant message). Examples are packed into --seq-len
+rows unless --no-pack.
 
 output: OUT/checkpoint-STEP/ (Hugging Face layout, loadable by `dgemma generate --model`; with --lora the
-adapter), OUT/metrics.jsonl, OUT/loss_curve.png. Ctrl-C saves a checkpoint; --resume continues exactly.
+adapter and tokenizer: `dgemma train merge` or --merge makes a loadable model), OUT/metrics.jsonl,
+OUT/loss_curve.png. Ctrl-C saves a checkpoint; --resume continues exactly.
 
 several processes: torchrun --nproc_per_node 2 -m dgemma train ... (the global --batch-size is split).
 """
@@ -119,7 +121,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     base = args.base or adapter_base(adapter)
     if base is None:
         raise CLIError(f"{adapter}: the adapter names no base model; pass --base DIR")
-    model = load_base(base)
+    has_tokenizer = (adapter / "tokenizer.json").is_file()  # the training run's (adapters saved before had none)
+    model = load_base(base, tokenizer_dir=str(adapter) if has_tokenizer else None)
     attach_adapter(model.model, adapter)
     merge_lora(model.model)
     model.save_pretrained(args.out)

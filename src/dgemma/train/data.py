@@ -80,7 +80,7 @@ def read_records(paths: Sequence[str | Path], extensions: Sequence[str] | None =
     for file, key in find_files(paths, extensions):
         if file.resolve() in excluded:
             continue
-        if file.suffix == ".jsonl":
+        if file.suffix.lower() == ".jsonl" or (file.suffix.lower() == ".json" and _holds_records(file)):
             yield from read_jsonl(file)
             continue
         try:
@@ -95,6 +95,18 @@ def read_records(paths: Sequence[str | Path], extensions: Sequence[str] | None =
         yield Record(str(file), key, "", text)
     if skipped:
         log.info("skipped %d file(s) found in folders, e.g. %s", len(skipped), skipped[0])
+
+
+def _holds_records(file: Path) -> bool:
+    """A `.json` file written as JSON lines (as `datasets` writes them): its first line is a record object.
+    Any other `.json` file (a config in a code corpus, say) is text."""
+    try:
+        with file.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        obj = json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, dict) and bool({"text", "prompt", "completion", "messages"} & obj.keys())
 
 
 def _read_text(file: Path) -> str:
