@@ -137,3 +137,23 @@ def test_the_served_name_is_the_model_directorys_even_for_dot(tmp_path, monkeypa
     assert served_name(str(tmp_path / "my-model") + "/") == "my-model"
     assert served_name("dgemma-code-tiny") == "dgemma-code-tiny"
     assert served_name(".", "custom") == "custom"
+
+
+def test_a_model_is_retrieved_by_id_and_no_op_openai_fields_are_taken(http):
+    """`client.models.retrieve` (GET /v1/models/{id}), and fields clients send at their defaults (`echo: false`,
+    `logprobs: null`); other values of them are refused."""
+    card = http.get("/v1/models/tiny").json()
+    assert card["id"] == "tiny" and card["object"] == "model"
+    missing = http.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    base = {"model": "tiny", "prompt": "x", "max_tokens": 4, "seed": 0, "max_denoising_steps": 1}  # within 0.2 s
+    plain = http.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    explicit = http.post("/v1/completions", json={**base, "echo": False, "logprobs": None, "suffix": None})
+    assert explicit.status_code == 200 and explicit.json()["choices"][0]["text"] == plain
+    for field, value in (("echo", True), ("logprobs", 2)):
+        response = http.post("/v1/completions", json={**base, field: value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "seed": 0,
+            "max_denoising_steps": 1}
+    assert http.post("/v1/chat/completions", json={**chat, "logprobs": False}).status_code == 200
+    assert http.post("/v1/chat/completions", json={**chat, "logprobs": True}).status_code == 400

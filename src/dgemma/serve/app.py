@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..api import DiffusionGemma
 from ..engine.scheduler import Scheduler
-from .errors import install_error_handlers
+from .errors import APIError, install_error_handlers
 from .jobs import JobBuilder, Limits
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
@@ -68,6 +68,13 @@ def create_app(model: DiffusionGemma, scheduler: Scheduler, settings: ServeSetti
     async def models() -> dict:
         card = model_card(settings.model_name, created, model.config.canvas_length, scheduler.max_len)
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_by_id(model_id: str) -> dict:
+        if model_id != settings.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card(settings.model_name, created, model.config.canvas_length, scheduler.max_len)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -55,6 +55,9 @@ class SamplingRequest(_Body):
 class CompletionRequest(SamplingRequest):
     prompt: str | list[Annotated[int, Field(ge=0)]]
     suffix: str | None = Field(None, description="infilling: the text the completion must lead into")
+    # OpenAI fields taken at their no-op values only (clients send them explicitly)
+    echo: Literal[False] = False
+    logprobs: Literal[0] | None = None
 
 
 class TextPart(_Body):
@@ -76,6 +79,7 @@ class ChatMessage(_Body):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None  # taken at its no-op value only
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
