@@ -157,3 +157,14 @@ def test_a_model_is_retrieved_by_id_and_no_op_openai_fields_are_taken(http):
             "max_denoising_steps": 1}
     assert http.post("/v1/chat/completions", json={**chat, "logprobs": False}).status_code == 200
     assert http.post("/v1/chat/completions", json={**chat, "logprobs": True}).status_code == 400
+
+
+def test_a_batch_form_holding_one_prompt_is_that_prompt(http):
+    base = {"model": "tiny", "max_tokens": 4, "seed": 0, "max_denoising_steps": 1}
+    plain = http.post("/v1/completions", json={**base, "prompt": "x"}).json()["choices"][0]["text"]
+    assert http.post("/v1/completions", json={**base, "prompt": ["x"]}).json()["choices"][0]["text"] == plain
+    ids = DiffusionGemma.from_pretrained("tiny").tokenizer.encode("x")
+    assert http.post("/v1/completions", json={**base, "prompt": [ids]}).json()["choices"][0]["text"] == plain
+    several = http.post("/v1/completions", json={**base, "prompt": ["x", "y"]})
+    assert several.status_code == 400 and several.json()["error"]["param"] == "prompt"
+    assert "2 prompts in one request are not supported" in several.json()["error"]["message"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
 
@@ -58,6 +58,16 @@ class CompletionRequest(SamplingRequest):
     # OpenAI fields taken at their no-op values only (clients send them explicitly)
     echo: Literal[False] = False
     logprobs: Literal[0] | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        """OpenAI's batch forms with one prompt (`["text"]`, `[[ids]]`) are that prompt; several are refused."""
+        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+            if len(value) > 1:
+                raise ValueError(f"{len(value)} prompts in one request are not supported: send one request per prompt")
+            return value[0]
+        return value
 
 
 class TextPart(_Body):
