@@ -168,3 +168,10 @@ def test_a_batch_form_holding_one_prompt_is_that_prompt(http):
     several = http.post("/v1/completions", json={**base, "prompt": ["x", "y"]})
     assert several.status_code == 400 and several.json()["error"]["param"] == "prompt"
     assert "2 prompts in one request are not supported" in several.json()["error"]["message"]
+
+
+def test_stream_options_need_stream(http):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4, "stream_options": {"include_usage": True}}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+    assert "only allowed with stream: true" in response.json()["error"]["message"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 SEED_RANGE = dict(ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed accepts
 
@@ -42,6 +42,13 @@ class SamplingRequest(_Body):
     t_max: float | None = Field(None, gt=0)
     stability_threshold: int | None = Field(None, ge=0)
     confidence_threshold: float | None = Field(None, gt=0)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed with stream: true")  # as OpenAI and vLLM answer
+        return value
 
     def sampler_settings(self) -> dict[str, Any]:
         keys = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
