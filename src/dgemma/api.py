@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .config import WEIGHT_DTYPES, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.autoregressive import generate_ar
 from .engine.generate import CanvasCommit, CanvasSpec, DenoiseStep, GenerationStats, stream_generate
 from .engine.static import StaticPool
@@ -83,15 +83,15 @@ def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
     return [row[m].tolist() for row, m in zip(ids, mask)], ids
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _float_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """The weight dtype: a torch dtype or its name; fp32, bf16 or fp16 only."""
-    named = _DTYPES.get(str(dtype).removeprefix("torch."))
-    if named is None:
-        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return named
+    """The weight dtype: a torch dtype or its name, one of `WEIGHT_DTYPES`."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in WEIGHT_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    return getattr(torch, name)
+
+
+_GEN_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 
 def _config_overrides(config) -> dict:
@@ -113,8 +113,6 @@ def _config_overrides(config) -> dict:
         out["entropy_bound"] = bound
     return out
 
-
-_GEN_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 
 class DiffusionGemma:

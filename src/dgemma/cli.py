@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .canvas_view import CanvasView
-from .config import PRESETS, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .config import PRESETS, WEIGHT_DTYPES, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .info import format_info, model_info
 from .model.weights import CheckpointError
 from .shipped import DEFAULT_MODEL, SHIPPED, resolve
 
 PROG = "dgemma"
-DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = (f"checkpoint directory, shipped model ({', '.join(SHIPPED)}) or preset ({', '.join(PRESETS)}: random "
               f"weights). Default: {DEFAULT_MODEL}, the small trained code model that comes with dgemma")
 
@@ -101,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: text, reasoning, token ids and stats")
     g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
                    help="diffusion (default), or ar: greedy autoregressive decoding with the same weights")
-    g.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
+    g.add_argument("--dtype", choices=WEIGHT_DTYPES,
+                   help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
     g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
 

@@ -242,6 +242,7 @@ class DiffusionGemmaConfig:
         return {"total": total, "active": active, "embedding": embed, "experts": experts_total}
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model loads in (torch attribute names)
 TEMPERATURE_RANGE = (1e-6, 1e6)  # t_max; t_min lies in [0, t_max]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS
+from ..config import PRESETS, WEIGHT_DTYPES
 from .measure import MODES, log, run
 
 
@@ -59,7 +59,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true", help="with --preset (the default for a preset)")
     p.add_argument("--canvas", help="comma-separated canvas lengths (default: the model's own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default=None, choices=WEIGHT_DTYPES,
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--prompt-len", default="1024", help="comma-separated prompt lengths (default 1024)")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..cli import MODEL_HELP, int_argument, int_at_least_1
+from ..config import WEIGHT_DTYPES
 from ..shipped import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-body-bytes", type=int_at_least_1, default=1 << 20, metavar="N")
     s.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="seconds a request may take, queueing included")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    s.add_argument("--dtype", choices=WEIGHT_DTYPES,
                    help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
     s.add_argument("--device", help="torch device (default: cuda if available)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
