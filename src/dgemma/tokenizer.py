@@ -179,10 +179,13 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it (`<|turn>`, ...) become their ids."""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate: the tokenizer's own error would be a bare TypeError
-            raise ConfigError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the backend's only word for a str it cannot take: a lone surrogate
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ConfigError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
+            raise
         return [self._bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:

@@ -106,7 +106,7 @@ def _holds_records(file: Path) -> bool:
         obj = json.loads(first)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(obj, dict) and bool({"text", "prompt", "completion", "messages"} & obj.keys())
+    return isinstance(obj, dict) and bool(RECORD_FIELDS & obj.keys())
 
 
 def _read_text(file: Path) -> str:
@@ -131,6 +131,9 @@ def read_jsonl(file: Path) -> Iterator[Record]:
         yield parse_record(obj, where, key=line.strip())
     if count == 0:
         raise DataError(f"{file}: empty file (no JSON lines)")
+
+
+RECORD_FIELDS = frozenset({"text", "prompt", "completion", "messages"})  # what `parse_record` reads
 
 
 def parse_record(obj: object, where: str, key: str) -> Record:
