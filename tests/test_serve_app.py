@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -175,3 +176,14 @@ def test_stream_options_need_stream(http):
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
     assert "only allowed with stream: true" in response.json()["error"]["message"]
+
+
+def test_with_include_usage_every_chunk_has_a_usage_field_null_until_the_last(http):
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 8, "seed": 0, "max_denoising_steps": 1, "stream": True,
+            "stream_options": {"include_usage": True}}
+    lines = http.post("/v1/completions", json=body).text.split("\n\n")
+    chunks = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1) and len(chunks) >= 2
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    plain = http.post("/v1/completions", json={**body, "stream_options": None}).text
+    assert '"usage"' not in plain

@@ -74,6 +74,16 @@ def test_streaming_deltas_hold_back_a_possible_stop_string_and_add_up():
     assert c.delta() == ("", "") and c.text() == ("", "one two ENx three ")
 
 
+def test_a_stop_string_ends_the_tokens_and_their_count_at_the_token_that_completes_it():
+    """Tokens after the one that completes a stop string are neither kept nor counted in the usage."""
+    c = choice(stop_strings=["END"])
+    c.add_canvas(ids("one two"), passes=2)
+    c.add_canvas(ids(" ENDING here") + [0, 0], passes=3)
+    assert c.finish_reason == "stop" and c.text() == ("", "one two ")
+    assert c.tokens == ids("one two END") and c.completion_tokens == len(ids("one two END"))
+    assert c.decoder_passes == 5
+
+
 def test_streaming_sends_only_text_later_tokens_cannot_change():
     """A run of byte tokens decodes as a unit: it waits for the next other token (or the end)."""
     c = choice()

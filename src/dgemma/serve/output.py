@@ -8,6 +8,8 @@ into a stop string, and no reasoning while the `thought` label of a thought chan
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from ..tokenizer import CHANNEL_END, CHANNEL_START, THOUGHT_LABEL, Tokenizer, split_reasoning
 
 
@@ -60,16 +62,29 @@ class ChoiceOutput:
         self.decoder_passes += passes
         kept = tokens[:self.limit - self.positions]
         self.positions += len(kept)
+        start, counted = len(self.tokens), self.completion_tokens
         for t in kept:
             self.completion_tokens += int(t != self.pad_id)
             if t in self.stop_ids:
                 self.finish_reason = "stop"
                 return
             self.tokens.append(t)
-        if self._stop_string_at(self.decoder.decode(self.tokens, self.reasoning, self.opened)[1]) is not None:
+        if self._stop_string_in(self.tokens):
+            self._cut_after_stop_string(start, counted)
             self.finish_reason = "stop"
         elif self.positions == self.limit:
             self.finish_reason = "length"
+
+    def _stop_string_in(self, tokens: list[int]) -> bool:
+        return self._stop_string_at(self.decoder.decode(tokens, self.reasoning, self.opened)[1]) is not None
+
+    def _cut_after_stop_string(self, start: int, counted: int) -> None:
+        """Keep the tokens up to the one that completes the first stop string (the canvas that just arrived
+        holds it), and count only those, as an autoregressive server that stops there would."""
+        end = bisect_left(range(start + 1, len(self.tokens) + 1), True,
+                          key=lambda n: self._stop_string_in(self.tokens[:n])) + start + 1
+        self.completion_tokens = counted + sum(t != self.pad_id for t in self.tokens[start:end])
+        del self.tokens[end:]
 
     def end(self) -> None:
         """The generation ended without a stop: it ran out of tokens."""

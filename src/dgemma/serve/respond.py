@@ -140,12 +140,14 @@ class _Run:
 
     def _chunk(self, index: int, delta: dict[str, Any], text: str, finish_reason: str | None,
                **extra: Any) -> dict[str, Any]:
+        usage_field = {"usage": None} if self.job.include_usage else {}  # as OpenAI: null until the last chunk
         if self.job.chat:
             delta = {k: v for k, v in delta.items() if v or k == "role"}
             choice = chat_choice(index, delta, finish_reason, delta=True, **extra)
-            return envelope(self.job.id, "chat.completion.chunk", self.created, self.runner.model_name, [choice])
+            return envelope(self.job.id, "chat.completion.chunk", self.created, self.runner.model_name, [choice],
+                            **usage_field)
         return envelope(self.job.id, "text_completion", self.created, self.runner.model_name,
-                        [completion_choice(index, text, finish_reason, **extra)])
+                        [completion_choice(index, text, finish_reason, **extra)], **usage_field)
 
     def usage(self) -> dict[str, Any]:
         return usage(self.job.prompt_tokens, sum(c.completion_tokens for c in self.choices),
