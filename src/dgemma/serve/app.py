@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible routes over a `Scheduler`, plus `/health` and `/metrics`."""
+"""The FastAPI app: OpenAI-compatible routes over a `Scheduler`, plus `/health`, `/metrics` and the playground
+page at `/`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib.resources import files
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..api import DiffusionGemma
@@ -21,7 +23,7 @@ from .output import TextDecoder
 from .protocol import ChatRequest, CompletionRequest, model_card
 from .respond import Runner
 
-ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
+ENDPOINTS = {"/", "/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
 
 
 @dataclass
@@ -31,6 +33,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     timeout_s: float = 600.0
     limits: Limits = field(default_factory=Limits)
+    playground: bool = True  # the page at `/` (static; it calls the API from the browser, with the key typed there)
 
 
 def create_app(model: DiffusionGemma, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
@@ -54,6 +57,13 @@ def create_app(model: DiffusionGemma, scheduler: Scheduler, settings: ServeSetti
     install_error_handlers(app)
     app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=ENDPOINTS)
+
+    if settings.playground:
+        page = files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
+
+        @app.get("/", include_in_schema=False)
+        async def playground() -> HTMLResponse:
+            return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -40,7 +40,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve DiffusionGemma over HTTP: /v1/models, /v1/completions (with `suffix` infilling), "
-                    "/v1/chat/completions, /health and Prometheus /metrics. Requests are batched continuously.",
+                    "/v1/chat/completions, /health, Prometheus /metrics and a playground page at /. Requests are "
+                    "batched continuously.",
         epilog="The API key may also be given in the DGEMMA_API_KEY environment variable (kept out of `ps`).")
     s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
     s.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model's name)")
@@ -63,6 +64,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", choices=WEIGHT_DTYPES,
                    help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
     s.add_argument("--device", help="torch device (default: cuda if available)")
+    s.add_argument("--no-playground", dest="playground", action="store_false",
+                   help="do not serve the playground page at / (the API is served either way)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=cmd_serve)
 
@@ -103,10 +106,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
     if api_key is None and not _is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
-    settings = ServeSettings(name, api_key, args.max_body_bytes, args.timeout, limits)
+    settings = ServeSettings(name, api_key, args.max_body_bytes, args.timeout, limits, args.playground)
     app = create_app(model, scheduler, settings)
     print(f"dgemma: serving {name!r} on http://{args.host}:{args.port}: {slots} slots of {max_len} tokens, "
-          f"queue {args.max_queue}", file=sys.stderr, flush=True)
+          f"queue {args.max_queue}" + (f"; playground at http://{args.host}:{args.port}/" if args.playground else ""),
+          file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

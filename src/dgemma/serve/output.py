@@ -22,6 +22,13 @@ class TextDecoder:
         markers = {tokenizer.token_to_id(CHANNEL_START), tokenizer.token_to_id(CHANNEL_END)}
         self._drop = specials - markers  # kept: the channel markers that delimit reasoning
         self._byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
+        self._pieces: dict[int, str] = {}
+
+    def piece(self, token: int) -> str:
+        """One token's own text, special tokens as written (a draft position, as the playground shows it)."""
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self._pieces[token]
 
     def decode(self, tokens: list[int], reasoning: bool, opened: bool = False) -> tuple[str, str]:
         """Completions: ("", text without special tokens). Chat: the thought channel split off as reasoning;

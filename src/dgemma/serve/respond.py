@@ -133,9 +133,11 @@ class _Run:
             self.streams.cancel(index)
 
     def _draft(self, index: int, event: DenoiseStep) -> dict[str, Any]:
-        draft = event.draft[0].tolist()[:self.job.hole]
-        info = {"canvas_index": event.canvas_index, "step": event.step, "accepted": int(event.accepted.sum()),
-                "text": self.runner.decoder.tokenizer.decode(draft, skip_special_tokens=True)}
+        draft, accepted = event.draft[0].tolist()[:self.job.hole], event.accepted[0].tolist()[:self.job.hole]
+        decoder = self.runner.decoder
+        info = {"canvas_index": event.canvas_index, "step": event.step, "accepted": sum(accepted),
+                "text": decoder.tokenizer.decode(draft, skip_special_tokens=True),
+                "pieces": [decoder.piece(t) for t in draft], "accepted_mask": [int(a) for a in accepted]}
         return self._chunk(index, {}, "", None, draft=info)
 
     def _chunk(self, index: int, delta: dict[str, Any], text: str, finish_reason: str | None,
