@@ -1,5 +1,5 @@
-"""The `dgemma` command line: `dgemma generate`, `dgemma info`, `dgemma train`, `dgemma tokenizer train`,
-`dgemma serve`, `dgemma eval`.
+"""The `dgemma` command line: `dgemma generate`, `dgemma chat`, `dgemma info`, `dgemma train`,
+`dgemma tokenizer train`, `dgemma serve`, `dgemma eval`, `dgemma bench`.
 
     dgemma generate "Write a haiku about the sea" --model path/to/checkpoint --chat
     echo "Once upon a time" | dgemma generate --model tiny --max-new-tokens 64 --show-canvas
@@ -65,6 +65,43 @@ def seed_value(text: str) -> int:
     return int_argument(text, lambda v: -(2**63) <= v < 2**64, "in [-2**63, 2**64)")
 
 
+def add_sampler_arguments(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The sampler settings of `generate` and `chat` (unset: the model's generation_config.json)."""
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate")
+    p.add_argument("--steps", type=int, metavar="N", help="maximum denoising steps per canvas")
+    p.add_argument("--entropy-bound", type=float, metavar="X",
+                   help="entropy budget for accepting tokens in one step (> 0)")
+    p.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
+    p.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
+    p.add_argument("--seed", type=seed_value, metavar="N", help=seed_help)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
+    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+
+
+def sampler_settings(args: argparse.Namespace) -> GenerationConfig:
+    """The model's generation settings with the command line's on top, checked before any weights load."""
+    _, _, gen = _resolve_model(args.model)
+    gen = gen.updated(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
+                      entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max)
+    gen.validate()
+    return gen
+
+
+def load_for_generation(args: argparse.Namespace):
+    """The model on `--device` in `--dtype` (float32 on CPU, bfloat16 elsewhere); it must have a tokenizer."""
+    from .api import DiffusionGemma
+
+    device = pick_device(args.device)
+    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise CLIError(f"{args.model}: the model has no tokenizer (tokenizer.json missing)")
+    return model
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DiffusionGemma: text diffusion, a canvas of tokens at a time.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -80,15 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="the prompt; read from stdin when absent or '-'")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
-    g.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens to generate")
-    g.add_argument("--steps", type=int, metavar="N", help="maximum denoising steps per canvas")
+    add_sampler_arguments(g, seed_help="random seed (same seed, same output)")
     g.add_argument("--canvas-length", type=int_at_least_1, metavar="N",
                    help="tokens per canvas (overrides the model config)")
-    g.add_argument("--entropy-bound", type=float, metavar="X",
-                   help="entropy budget for accepting tokens in one step (> 0)")
-    g.add_argument("--t-min", type=float, metavar="T", help="sampling temperature at the last step")
-    g.add_argument("--t-max", type=float, metavar="T", help="sampling temperature at the first step")
-    g.add_argument("--seed", type=seed_value, metavar="N", help="random seed (same seed, same output)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
     g.add_argument("--thinking", action="store_true",
                    help="let the model think first (implies --chat); reasoning is printed separately, "
@@ -100,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print one JSON object: text, reasoning, token ids and stats")
     g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
                    help="diffusion (default), or ar: greedy autoregressive decoding with the same weights")
-    g.add_argument("--dtype", choices=WEIGHT_DTYPES,
-                   help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
-    g.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    add_device_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser(
@@ -115,11 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     from .bench import add_bench_parser
+    from .chat import add_chat_parser
     from .evaluate.run import add_parser as add_eval_parser
     from .serve.cli import add_serve_parser
     from .tokenizer_train import add_tokenizer_parser
     from .train.cli import add_train_parser
 
+    add_chat_parser(sub)
     add_train_parser(sub)
     add_tokenizer_parser(sub)
     add_serve_parser(sub)
@@ -243,7 +274,6 @@ def _split_thinking(tokenizer, tokens: list[int]) -> tuple[str, str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
 
-    from .api import DiffusionGemma
     from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
     from .tokenizer import IncrementalDetokenizer
 
@@ -255,20 +285,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--show-canvas needs --mode diffusion (autoregressive decoding has no canvas)")
 
     # everything that can be checked without the weights is checked before loading them
-    _, _, gen = _resolve_model(args.model)
-    gen = gen.updated(max_new_tokens=args.max_new_tokens, max_denoising_steps=args.steps,
-                      entropy_bound=args.entropy_bound, t_min=args.t_min, t_max=args.t_max)
-    gen.validate()
+    gen = sampler_settings(args)
     prompt = _read_prompt(args.prompt)
-    device = pick_device(args.device)
-    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-
-    model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    model = load_for_generation(args)
     if args.canvas_length is not None:
         model.config.canvas_length = args.canvas_length
     tok = model.tokenizer
-    if tok is None:
-        raise CLIError(f"{args.model}: the model has no tokenizer (tokenizer.json missing)")
     if args.chat:
         prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              enable_thinking=args.thinking, tokenize=True)
