@@ -1,5 +1,5 @@
 """The `dgemma` command line: `dgemma generate`, `dgemma chat`, `dgemma info`, `dgemma train`,
-`dgemma tokenizer train`, `dgemma serve`, `dgemma eval`, `dgemma bench`.
+`dgemma tokenizer train`, `dgemma serve`, `dgemma batch`, `dgemma eval`, `dgemma bench`.
 
     dgemma generate "Write a haiku about the sea" --model path/to/checkpoint --chat
     echo "Once upon a time" | dgemma generate --model tiny --max-new-tokens 64 --show-canvas
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     from .chat import add_chat_parser
     from .evaluate.run import add_parser as add_eval_parser
+    from .serve.batch import add_batch_parser
     from .serve.cli import add_serve_parser
     from .tokenizer_train import add_tokenizer_parser
     from .train.cli import add_train_parser
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_tokenizer_parser(sub)
     add_serve_parser(sub)
+    add_batch_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
     return parser

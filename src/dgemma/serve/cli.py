@@ -43,53 +43,50 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                     "/v1/chat/completions, /health, Prometheus /metrics and a playground page at /. Requests are "
                     "batched continuously.",
         epilog="The API key may also be given in the DGEMMA_API_KEY environment variable (kept out of `ps`).")
-    s.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
-    s.add_argument("--served-model-name", metavar="NAME", help="the model id clients use (default: --model's name)")
+    add_engine_arguments(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--max-slots", type=int_at_least_1, default=16, metavar="N",
-                   help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
-    s.add_argument("--kv-cache-gib", type=_positive_float, default=4.0, metavar="GIB",
-                   help="KV-cache memory budget; fixes the number of slots (default 4)")
     s.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot, at most")
-    s.add_argument("--max-prompt-tokens", type=int_at_least_1, default=2048, metavar="N")
-    s.add_argument("--max-tokens", type=int_at_least_1, default=1024, metavar="N", help="max_tokens allowed")
-    s.add_argument("--max-n", type=int_at_least_1, default=8, metavar="N", help="choices per request allowed")
-    s.add_argument("--max-denoising-steps", type=int_at_least_1, default=256, metavar="N",
-                   help="max_denoising_steps allowed")
     s.add_argument("--max-body-bytes", type=int_at_least_1, default=1 << 20, metavar="N")
     s.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                    help="seconds a request may take, queueing included")
-    s.add_argument("--dtype", choices=WEIGHT_DTYPES,
-                   help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
-    s.add_argument("--device", help="torch device (default: cuda if available)")
     s.add_argument("--no-playground", dest="playground", action="store_false",
                    help="do not serve the playground page at / (the API is served either way)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(func=cmd_serve)
 
 
-def served_name(model: str, served_model_name: str | None = None) -> str:
-    """The model id clients send: `--served-model-name`, else the model directory's name (`.` included)."""
-    return served_model_name or Path(model).resolve().name or model
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, the engine's size and what one request may ask for: shared by `serve` and `batch`."""
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH_OR_NAME", help=MODEL_HELP)
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id requests name (default: --model's "
+                                                               "name)")
+    p.add_argument("--max-slots", type=int_at_least_1, default=16, metavar="N",
+                   help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
+    p.add_argument("--kv-cache-gib", type=_positive_float, default=4.0, metavar="GIB",
+                   help="KV-cache memory budget; fixes the number of slots (default 4)")
+    p.add_argument("--max-prompt-tokens", type=int_at_least_1, default=2048, metavar="N")
+    p.add_argument("--max-tokens", type=int_at_least_1, default=1024, metavar="N", help="max_tokens allowed")
+    p.add_argument("--max-n", type=int_at_least_1, default=8, metavar="N", help="choices per request allowed")
+    p.add_argument("--max-denoising-steps", type=int_at_least_1, default=256, metavar="N",
+                   help="max_denoising_steps allowed")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES,
+                   help="weight dtype (default: float32 on CPU, bfloat16 otherwise)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_engine(args: argparse.Namespace, max_queue: int):
+    """(model, scheduler, limits, served name) from `add_engine_arguments`' options: the KV-cache budget sized to
+    requests of the largest prompt and output allowed."""
     from ..api import DiffusionGemma
     from ..cli import pick_device
     from ..config import ConfigError
     from ..engine.scheduler import Scheduler, slots_for_budget
-    from .app import ServeSettings, create_app
     from .jobs import Limits
 
-    if args.max_queue < 0:
-        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
     device = pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    sock = _bind(args.host, args.port)  # before the model loads: a taken port is said at once, not minutes later
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
     c = model.config.canvas_length
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_denoising_steps)
@@ -101,14 +98,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"canvases of {c}) exceed the model context of {context}")
     slots = slots_for_budget(model.config.text_config, max_len, c, model.model.dtype, int(args.kv_cache_gib * 2**30),
                              args.max_slots)
-    scheduler = Scheduler(model.model, slots, max_len, args.max_queue)
-    name = served_name(args.model, args.served_model_name)
+    scheduler = Scheduler(model.model, slots, max_len, max_queue)
+    return model, scheduler, limits, served_name(args.model, args.served_model_name)
+
+
+def served_name(model: str, served_model_name: str | None = None) -> str:
+    """The model id clients send: `--served-model-name`, else the model directory's name (`.` included)."""
+    return served_model_name or Path(model).resolve().name or model
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..config import ConfigError
+    from .app import ServeSettings, create_app
+
+    if args.max_queue < 0:
+        raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+    sock = _bind(args.host, args.port)  # before the model loads: a taken port is said at once, not minutes later
+    model, scheduler, limits, name = build_engine(args, args.max_queue)
     api_key = args.api_key or os.environ.get("DGEMMA_API_KEY") or None
     if api_key is None and not _is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     settings = ServeSettings(name, api_key, args.max_body_bytes, args.timeout, limits, args.playground)
     app = create_app(model, scheduler, settings)
-    print(f"dgemma: serving {name!r} on http://{args.host}:{args.port}: {slots} slots of {max_len} tokens, "
+    print(f"dgemma: serving {name!r} on http://{args.host}:{args.port}: {scheduler.slots} slots of "
+          f"{scheduler.max_len} tokens, "
           f"queue {args.max_queue}" + (f"; playground at http://{args.host}:{args.port}/" if args.playground else ""),
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
