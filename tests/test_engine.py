@@ -36,6 +36,27 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(tiny):
         assert batched.stats.passes_per_canvas[i] == alone.stats.passes_per_canvas[0]
 
 
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_with_rows_stopping_early_each_row_still_equals_its_prompt_alone(reference_checkpoint, static_cache):
+    """Weights that stop early: rows stop at different passes, and a stopped row's generator must not advance
+    while the others finish the canvas (it did, so every later canvas of that row differed from its solo run)."""
+    path, _ = reference_checkpoint("window", "confident")
+    model = dgemma.DiffusionGemma.from_pretrained(path)
+    prompts = prompts_of_lengths(9, 4, 13, 6)
+    width = max(map(len, prompts))
+    ids, mask = torch.zeros(4, width, dtype=torch.long), torch.zeros(4, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    kwargs = dict(max_new_tokens=64, max_denoising_steps=16, eos_token_id=[], static_cache=static_cache)
+    batched = model.generate(input_ids=ids, attention_mask=mask, seed=[11, 12, 13, 14], **kwargs)
+    passes = batched.stats.passes_per_canvas
+    assert len({tuple(row) for row in passes}) > 1 and max(map(max, passes)) < 16  # rows stop, at different passes
+    for i, p in enumerate(prompts):
+        alone = model.generate(input_ids=[p], seed=11 + i, **kwargs)
+        assert batched.sequences[i, width:].tolist() == alone.sequences[0, len(p):].tolist(), f"row {i}"
+        assert passes[i] == alone.stats.passes_per_canvas[0]
+
+
 def test_same_seed_same_tokens_and_do_sample_false_is_deterministic(tiny):
     ids = torch.tensor([prompts_of_lengths(5)[0]])
     a = tiny.generate(input_ids=ids, max_new_tokens=32, max_denoising_steps=4, seed=3)

@@ -128,13 +128,13 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     accepted = accept_by_entropy(entropy, gen.entropy_bound)
     if gen.do_sample:
         used = accepted & ~done[:, None] if fixed is None else accepted & ~done[:, None] & ~fixed
-        sampled = rng.sample(probs, used)
+        sampled = rng.sample(probs, used, done if stopped else None)
     else:
         sampled = draft
     if fixed is not None:
         sampled = torch.where(fixed, state.fixed_tokens, sampled)
         draft = torch.where(fixed, state.fixed_tokens, draft)
-    canvas = torch.where(accepted, sampled, rng.tokens(b, c, vocab, logits.device))
+    canvas = torch.where(accepted, sampled, rng.tokens(b, c, vocab, logits.device, done if stopped else None))
     if fixed is not None:
         canvas = torch.where(fixed, state.fixed_tokens, canvas)
         mean_entropy = entropy.sum(-1) / (~fixed).sum(-1).clamp(min=1)
