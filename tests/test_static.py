@@ -53,7 +53,38 @@ def test_pool_reuses_its_cache_for_the_same_shape_and_rebuilds_for_another(tiny)
     pool = StaticPool(graph=False)
     cache, den = pool.get(tiny.model, 2, 100)
     assert cache.max_len == 256  # rounded up
+    busy, _ = pool.get(tiny.model, 2, 100)  # while the first generation holds it: one of its own
+    assert busy is not cache
+    pool.release(busy)
+    pool.release(cache)
     again, den2 = pool.get(tiny.model, 2, 200)
     assert again is cache and den2 is den and int(again.lengths.sum()) == 0
+    pool.release(again)
     other, _ = pool.get(tiny.model, 3, 100)
     assert other is not cache and other.batch == 3
+
+
+def test_overlapping_generations_do_not_share_the_static_cache(tiny):
+    """Two streams on one model consumed in turn: each gets the tokens it gets alone (the second one used to take
+    the pooled cache and reset it under the first); the pool is free again once both end, or one is closed."""
+    kwargs = dict(max_new_tokens=64, max_denoising_steps=3, static_cache=True)
+    prompts = {"a": [2, 10, 11, 12], "b": [2, 50, 51]}
+    alone = {k: tiny.generate(input_ids=[p], seed=i, **kwargs).sequences[0].tolist()
+             for i, (k, p) in enumerate(prompts.items())}
+    streams = {k: tiny.stream_generate(input_ids=[p], seed=i, **kwargs) for i, (k, p) in enumerate(prompts.items())}
+    last = {}
+    while streams:
+        for k in list(streams):
+            event = next(streams[k], None)
+            if event is None:
+                del streams[k]
+            else:
+                last[k] = event
+    for k, p in prompts.items():
+        assert p + last[k].tokens[0] == alone[k], k
+    assert not tiny._static.busy
+    stream = tiny.stream_generate(input_ids=[prompts["a"]], seed=0, **kwargs)
+    next(stream)
+    assert tiny._static.busy
+    stream.close()
+    assert not tiny._static.busy

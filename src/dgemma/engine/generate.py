@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -127,6 +128,15 @@ def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> tuple[t
     return tokens.masked_fill(after, pad), is_eos.any(dim=-1)
 
 
+@contextmanager
+def _returned_to(static: StaticPool | None, cache: KVCache) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if static is not None:
+            static.release(cache)
+
+
 @torch.inference_mode()
 def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
                     generators: list[torch.Generator | None] | None = None,
@@ -158,7 +168,9 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     stats = GenerationStats(passes_per_canvas=[[] for _ in range(b)])
     committed: list[torch.Tensor] = []
 
-    with model.vocab_session():  # LM head and expected embedding on a transposed copy (CPU, same bits)
+    # LM head and expected embedding on a transposed copy (CPU, same bits); the static cache back to its pool at
+    # the end, however the generation ends (a stream closed early included)
+    with model.vocab_session(), _returned_to(static, cache):
         for ci in range(n_canvases):
             # a committed canvas is encoded in the next canvas's first decoder pass (eager path: the same numbers,
             # one pass fewer); the prompt, and every commit on the static path, get a pass of their own

@@ -18,6 +18,7 @@ shape reuse the captured graph (the cache is emptied, not reallocated).
 from __future__ import annotations
 
 import gc
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,12 @@ def _static_pass(self: StaticDenoiser) -> torch.Tensor:
 
 
 class StaticPool:
-    """The cache and captured denoiser of the last shape used, reused while the shape repeats."""
+    """The cache and captured denoiser of the last shape used, reused while the shape repeats.
+
+    One generation at a time holds them (`get` ... `release`): a generation that starts while another still
+    runs on the same model (two interleaved streams, a `generate` inside a `stream_generate` loop, two threads)
+    gets a cache and denoiser of its own, which are dropped when it ends, instead of resetting the other's.
+    """
 
     ROUND = 256  # cache capacity rounded up to this, so nearby prompt lengths share one graph
 
@@ -122,10 +128,28 @@ class StaticPool:
         self.key = None
         self.cache: KVCache | None = None
         self.denoiser: StaticDenoiser | None = None
+        self.busy = False
+        self._lock = threading.Lock()
 
     def get(self, model: DiffusionGemmaModel, batch: int, max_len: int) -> tuple[KVCache, StaticDenoiser]:
+        """A cache and denoiser for a generation of `batch` rows of up to `max_len` cached tokens; give them back
+        with `release` when the generation ends."""
         max_len = -(-max_len // self.ROUND) * self.ROUND
         c = model.config.canvas_length
+        with self._lock:
+            shared = not self.busy
+            self.busy = True
+        if not shared:
+            cache = KVCache(model.text, batch, max_len, c, model.dtype, model.device)
+            return cache, StaticDenoiser(model, cache, self.graph, self.compile)
+        try:
+            return self._shared(model, batch, max_len, c)
+        except BaseException:
+            self.busy = False
+            raise
+
+    def _shared(self, model: DiffusionGemmaModel, batch: int, max_len: int, c: int
+                ) -> tuple[KVCache, StaticDenoiser]:
         key = (batch, max_len, c, model.dtype, model.device)
         if key != self.key:
             self.key, self.cache, self.denoiser = None, None, None  # free the old graph's memory first
@@ -137,3 +161,7 @@ class StaticPool:
             self.key = key
         self.cache.reset_rows(torch.arange(batch, device=model.device))
         return self.cache, self.denoiser
+
+    def release(self, cache: KVCache) -> None:
+        if cache is self.cache:
+            self.busy = False
