@@ -97,6 +97,21 @@ def test_fixed_positions_are_never_renoised_and_always_committed(tiny):
     assert hole != start[0, 10:20].tolist()
 
 
+def test_an_eos_written_in_the_hole_pads_the_hole_but_keeps_the_fixed_suffix(tiny):
+    c = tiny.config.canvas_length
+    start = torch.randint(3, 512, (1, c), generator=torch.Generator().manual_seed(1))
+    fixed = torch.zeros(1, c, dtype=torch.bool)
+    fixed[0, :10] = True
+    fixed[0, 20:] = True
+    kwargs = dict(input_ids=[[2, 5]], decoder_input_ids=start, fixed_mask=fixed, max_new_tokens=c,
+                  max_denoising_steps=8, seed=0)
+    free = tiny.generate(**kwargs, eos_token_id=[]).sequences[0, 2:].tolist()
+    at = next(i for i in range(11, 20) if free[i] not in free[:i])  # a token the model writes in the hole, first there
+    out = tiny.generate(**kwargs, eos_token_id=[free[at]], pad_token_id=0).sequences[0, 2:].tolist()
+    assert out[:at + 1] == free[:at + 1] and out[at + 1:20] == [0] * (19 - at)
+    assert out[20:] == start[0, 20:].tolist()  # the suffix is committed (it used to become pad)
+
+
 def test_tokens_after_eos_become_pad_and_rows_stop(tiny):
     ids = [[2, 5, 6]]
     free = tiny.generate(input_ids=ids, max_new_tokens=96, max_denoising_steps=3, seed=0)

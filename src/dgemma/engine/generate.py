@@ -120,11 +120,16 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.T
     return tokens, valid
 
 
-def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens after a row's first EOS become pad; returns (tokens, row has EOS)."""
+def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int, fixed: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens after a row's first EOS become pad, except `fixed` [B, C] positions (given tokens are always
+    committed: an infilling suffix stays when the model ends its text in the hole); returns (tokens, row has
+    EOS)."""
     is_eos = torch.isin(tokens, eos)
     seen = is_eos.cumsum(dim=-1)
     after = (seen > 0) & ~((seen == 1) & is_eos)
+    if fixed is not None:
+        after &= ~fixed
     return tokens.masked_fill(after, pad), is_eos.any(dim=-1)
 
 
@@ -209,7 +214,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
 
             draft = state.draft
             tokens = draft.masked_fill(finished[:, None], pad)
-            tokens, has_eos = _pad_after_eos(tokens, eos, pad)
+            tokens, has_eos = _pad_after_eos(tokens, eos, pad, fixed)
             finished |= has_eos
             total_passes += passes
             for r in range(b):

@@ -146,7 +146,7 @@ class _Row:
             self.commit()
 
     def commit(self) -> None:
-        tokens, has_eos = _pad_after_eos(self.state.draft, self.eos, self.pad)
+        tokens, has_eos = _pad_after_eos(self.state.draft, self.eos, self.pad, self.state.fixed)
         self.committed.append(tokens)
         self.stats.passes_per_canvas[0].append(self.passes)
         if self.canvas_index == 0:
