@@ -172,6 +172,11 @@ def test_ar_mode_is_greedy_decoding_of_the_encoder(tiny):
     (dict(eos_token_id="1"), "eos_token_id must be a token id or a list of them"),
     (dict(eos_token_id=[1, -3]), "eos_token_id must be a token id or a list of them"),
     (dict(pad_token_id=512), "pad_token_id 512 is outside the vocabulary [0, 512)"),
+    (dict(eos_token_id=[1, 512]), "eos_token_id 512 is outside the vocabulary [0, 512)"),
+    (dict(seed=1.5), "a seed must be an integer in [-2**63, 2**64), got 1.5"),
+    (dict(seed=2**64), "a seed must be an integer in [-2**63, 2**64)"),
+    (dict(seed=torch.tensor([1, 2])), "got 2 seeds for a batch of 1"),
+    (dict(decoder_input_ids=torch.full((1, 32), 3.7)), "decoder_input_ids must hold integer token ids, got dtype"),
     (dict(generation_config=3), "generation_config must be a dgemma GenerationConfig or transformers'"),
 ])
 def test_invalid_settings_raise_clear_errors(tiny, kwargs, message):
@@ -184,11 +189,54 @@ def test_invalid_settings_raise_clear_errors(tiny, kwargs, message):
     ([[]], "prompt 0 is empty"),
     ([[2, 600]], "token ids outside the vocabulary [0, 512): [600]"),
     ([[2] * 4090], "exceeds the model context of 4096"),
+    (torch.tensor([[2.0, 5.5]]), "input_ids must hold integer token ids, got dtype float32"),
+    ([[2, 5.5]], "input_ids must hold integer token ids"),
 ])
 def test_invalid_prompts_raise_clear_errors(tiny, ids, message):
+    for call in (tiny.generate, tiny.generate_ar):
+        with pytest.raises(ConfigError) as e:
+            call(input_ids=ids, max_new_tokens=32)
+        assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eos_token_id=600), "eos_token_id 600 is outside the vocabulary [0, 512)"),
+    (dict(temperature=float("nan")), "temperature must be 0 (greedy) or in [1e-06, 1e+06], got nan"),
+    (dict(temperature=-1.0), "temperature must be 0 (greedy)"),
+    (dict(seed=[1, 2]), "got 2 seeds for a batch of 1"),
+])
+def test_invalid_ar_settings_raise_clear_errors(tiny, kwargs, message):
     with pytest.raises(ConfigError) as e:
-        tiny.generate(input_ids=ids, max_new_tokens=32)
+        tiny.generate_ar([[2, 5, 6]], max_new_tokens=4, **kwargs)
     assert message in str(e.value)
+
+
+def test_ar_counts_each_rows_own_forwards(tiny):
+    """A row that ends at its first token made one forward, not as many as the longest row of its batch."""
+    prompts = [[2, 5, 6], [2, 9, 10, 11]]
+    free = tiny.generate_ar(prompts[1:], max_new_tokens=6, eos_token_id=[]).sequences[0, 4:].tolist()
+    eos = next(t for t in free if t not in tiny.generate_ar(prompts[:1], max_new_tokens=6, eos_token_id=[])
+               .sequences[0, 3:].tolist())
+    at = free.index(eos)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    ids = torch.tensor([[0, 2, 5, 6], [2, 9, 10, 11]])
+    out = tiny.generate_ar(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[eos])
+    assert out.stats.decoder_passes == [6, at + 1]
+    assert out.stats.tokens_per_forward == [1.0, 1.0]
+
+
+def test_an_explicit_eos_token_id_none_turns_stopping_at_eos_off_as_in_transformers(tiny):
+    free = tiny.generate([[2, 5, 6]], max_new_tokens=64, max_denoising_steps=3, seed=0, eos_token_id=[])
+    eos = free.sequences[0, 3 + 5].item()  # a token the model writes: made the checkpoint's EOS
+    original = tiny.generation_config
+    tiny.generation_config = original.updated(eos_token_id=[eos])
+    try:
+        stopped = tiny.generate([[2, 5, 6]], max_new_tokens=64, max_denoising_steps=3, seed=0)
+        unstopped = tiny.generate([[2, 5, 6]], max_new_tokens=64, max_denoising_steps=3, seed=0, eos_token_id=None)
+    finally:
+        tiny.generation_config = original
+    assert not torch.equal(stopped.sequences, free.sequences)
+    assert torch.equal(unstopped.sequences, free.sequences)
 
 
 @pytest.mark.parametrize("ids", [torch.zeros(0, 5, dtype=torch.long), []])

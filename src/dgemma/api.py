@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +60,17 @@ def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
     if input_ids is None:
         raise ConfigError("input_ids is required")
     if isinstance(input_ids, torch.Tensor):
-        ids = input_ids
+        ids = _token_tensor(input_ids, "input_ids")
     elif len(input_ids) == 0:
         raise ConfigError("no prompts given")
-    elif all(isinstance(t, int) for t in input_ids):  # one prompt as a flat list of ids
+    elif all(_is_int(t) for t in input_ids):  # one prompt as a flat list of ids
         ids = torch.tensor(input_ids, dtype=torch.long)
     else:
         rows = [list(r) for r in input_ids]
         if len({len(r) for r in rows}) > 1:
             raise ConfigError("input_ids rows have different lengths: pad them and pass attention_mask")
+        if not all(_is_int(t) for r in rows for t in r):
+            raise ConfigError("input_ids must hold integer token ids")
         ids = torch.tensor(rows, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids[None]
@@ -81,6 +84,31 @@ def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
     if mask.shape != ids.shape:
         raise ConfigError(f"attention_mask shape {list(mask.shape)} differs from input_ids {list(ids.shape)}")
     return [row[m].tolist() for row, m in zip(ids, mask)], ids
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _token_tensor(tokens, name: str) -> torch.Tensor:
+    """`tokens` as a long tensor; ids of another dtype (floats: 5.5 would become 5) are refused."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ConfigError(f"{name} must hold integer token ids, got dtype {str(tokens.dtype).removeprefix('torch.')}")
+    return tokens.long()
+
+
+def _seed_list(seed, batch: int) -> list[int]:
+    """One seed per row from an int, or a list / tensor / array of them (one per row)."""
+    if hasattr(seed, "tolist"):  # a tensor or an array
+        seed = seed.tolist()
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch
+    if len(seeds) != batch:
+        raise ConfigError(f"got {len(seeds)} seeds for a batch of {batch}")
+    for s in seeds:
+        if not _is_int(s) or not -(2**63) <= s < 2**64:
+            raise ConfigError(f"a seed must be an integer in [-2**63, 2**64), got {s!r}")
+    return [int(s) for s in seeds]
 
 
 def _float_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -179,6 +207,8 @@ class DiffusionGemma:
             if kwargs.get("max_denoising_steps") not in (None, steps):
                 raise ConfigError("num_diffusion_steps and max_denoising_steps disagree; pass one of them")
             kwargs["max_denoising_steps"] = steps
+        if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
+            kwargs["eos_token_id"] = []  # as in transformers: an explicit None turns stopping at EOS off
         gen = self.generation_config
         if generation_config is not None:
             gen = gen.updated(**_config_overrides(generation_config))
@@ -200,10 +230,8 @@ class DiffusionGemma:
     def _generators(self, batch: int, seed, do_sample: bool) -> list[torch.Generator] | None:
         if seed is None and do_sample:
             return None
-        seeds = [0 if seed is None else seed] * batch if not isinstance(seed, (list, tuple)) else list(seed)
-        if len(seeds) != batch:
-            raise ConfigError(f"got {len(seeds)} seeds for a batch of {batch}")
-        return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+        seeds = _seed_list(0 if seed is None else seed, batch)
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
 
     def stream_generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                         decoder_input_ids: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
@@ -217,7 +245,7 @@ class DiffusionGemma:
         gen = self._generation_config(generation_config, ids.shape[1], kwargs)
         start = None
         if decoder_input_ids is not None:
-            tokens = torch.as_tensor(decoder_input_ids, dtype=torch.long)
+            tokens = _token_tensor(decoder_input_ids, "decoder_input_ids")
             tokens = tokens[None] if tokens.dim() == 1 else tokens
             fixed = None if fixed_mask is None else torch.as_tensor(fixed_mask, dtype=torch.bool)
             start = CanvasSpec(tokens, fixed[None] if fixed is not None and fixed.dim() == 1 else fixed)
@@ -265,10 +293,11 @@ class DiffusionGemma:
         """Plain autoregressive decoding through the encoder (same weights): the baseline diffusion is measured
         against. Greedy at temperature 0."""
         prompts, ids = _as_rows(input_ids, attention_mask)
-        gen = self.generation_config
-        eos = eos_token_id if eos_token_id is not None else gen.eos_token_id
+        gen = self.generation_config.updated(eos_token_id=eos_token_id)
+        gen.validate()
         gens = None if seed is None else self._generators(len(prompts), seed, True)
-        result = generate_ar(self.model, prompts, max_new_tokens, eos or [], gen.pad_token_id, temperature, gens)
+        result = generate_ar(self.model, prompts, max_new_tokens, gen.eos_token_id or [], gen.pad_token_id,
+                             temperature, gens)
         generated = torch.tensor(result.tokens, dtype=torch.long)
         return GenerateOutput(torch.cat([ids.cpu(), generated], dim=1),
                               torch.tensor(result.stats.tokens_per_forward), result.stats)

@@ -11,23 +11,23 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import TEMPERATURE_RANGE, ConfigError
 from ..model.model import DiffusionGemmaModel
 from .cache import KVCache
-from .generate import GenerationResult, GenerationStats, _right_pad
+from .generate import GenerationResult, GenerationStats, _right_pad, check_tokens
 
 
 @torch.inference_mode()
 def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                 eos_token_ids: Sequence[int], pad_token_id: int | None, temperature: float = 0.0,
                 generators: list[torch.Generator] | None = None) -> GenerationResult:
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    low, high = TEMPERATURE_RANGE
+    if not (temperature == 0 or low <= temperature <= high):  # NaN fails too
+        raise ConfigError(f"temperature must be 0 (greedy) or in [{low:g}, {high:g}], got {temperature!r}")
+    check_tokens(model, prompts, eos_token_ids, pad_token_id)
     longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) == 0:
-        raise ConfigError("a prompt needs at least one token")
     if longest + max_new_tokens > model.text.max_position_embeddings:
         raise ConfigError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model context "
                           f"of {model.text.max_position_embeddings}")
@@ -39,6 +39,7 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
     tokens, valid = _right_pad(prompts, pad, device)
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    passes = torch.zeros(b, dtype=torch.long, device=device)  # per row: the forwards until its EOS
     out = []
     first = 0.0
     with model.vocab_session():
@@ -52,6 +53,7 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)]) \
                     if generators else torch.multinomial(probs, 1)[:, 0]
+            passes += ~finished
             nxt = nxt.masked_fill(finished, pad)
             out.append(nxt)
             finished |= torch.isin(nxt, eos)
@@ -62,7 +64,8 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
             tokens, valid = nxt[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
     gen = torch.stack(out, dim=1)
     n_tokens = (gen != pad).sum(dim=1).tolist()
-    stats = GenerationStats(passes_per_canvas=[[len(out)] for _ in range(b)], decoder_passes=[len(out)] * b,
-                            new_tokens=n_tokens, tokens_per_forward=[n / len(out) for n in n_tokens],
+    passes_per_row = passes.tolist()
+    stats = GenerationStats(passes_per_canvas=[[n] for n in passes_per_row], decoder_passes=passes_per_row,
+                            new_tokens=n_tokens, tokens_per_forward=[n / p for n, p in zip(n_tokens, passes_per_row)],
                             wall_time_s=time.perf_counter() - t0, first_canvas_s=first)
     return GenerationResult(gen.tolist(), stats)

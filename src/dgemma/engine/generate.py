@@ -80,18 +80,30 @@ def context_length_needed(prompt_lengths: Sequence[int], n_canvases: int, canvas
     return max(prompt_lengths) + n_canvases * canvas_length
 
 
-def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-              n_canvases: int, start: CanvasSpec | None) -> None:
-    gen.validate()
-    text, c = model.text, model.config.canvas_length
+def check_tokens(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], eos: Sequence[int] | None,
+                 pad: int | None) -> None:
+    """Prompts that are not empty, and prompt, EOS and pad ids inside the vocabulary."""
+    vocab = model.text.vocab_size
     if not prompts:
         raise ConfigError("no prompts given")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ConfigError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-        bad = [t for t in p if not 0 <= t < text.vocab_size]
+        bad = [t for t in p if not 0 <= t < vocab]
         if bad:
-            raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {text.vocab_size}): {bad[:5]}")
+            raise ConfigError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    bad = [t for t in eos or [] if not 0 <= t < vocab]
+    if bad:
+        raise ConfigError(f"eos_token_id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if pad is not None and not 0 <= pad < vocab:
+        raise ConfigError(f"pad_token_id {pad} is outside the vocabulary [0, {vocab})")
+
+
+def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+              n_canvases: int, start: CanvasSpec | None) -> None:
+    gen.validate()
+    text, c = model.text, model.config.canvas_length
+    check_tokens(model, prompts, gen.eos_token_id, gen.pad_token_id)
     need = context_length_needed([len(p) for p in prompts], n_canvases, c)
     if need > text.max_position_embeddings:
         raise ConfigError(f"prompt ({max(len(p) for p in prompts)} tokens) + {n_canvases} canvas(es) of {c} tokens "
@@ -106,8 +118,6 @@ def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen:
         if bad.numel():
             raise ConfigError(f"starting canvas has token ids outside the vocabulary [0, {text.vocab_size}): "
                               f"{bad[:5].tolist()}")
-    if gen.pad_token_id is not None and not 0 <= gen.pad_token_id < text.vocab_size:
-        raise ConfigError(f"pad_token_id {gen.pad_token_id} is outside the vocabulary [0, {text.vocab_size})")
 
 
 def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
