@@ -187,3 +187,44 @@ def test_with_include_usage_every_chunk_has_a_usage_field_null_until_the_last(ht
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
     plain = http.post("/v1/completions", json={**body, "stream_options": None}).text
     assert '"usage"' not in plain
+
+
+def test_stopping_the_engine_answers_the_requests_in_flight_and_new_ones_with_503():
+    """What Ctrl-C / SIGTERM does first (`EngineServer.handle_exit`): requests running or queued end at once with a
+    503 (an error event in a stream); a request that arrives afterwards gets a 503 too."""
+    import threading
+
+    model = DiffusionGemma.from_pretrained("tiny")
+    scheduler = Scheduler(model.model, slots=1, max_len=600, max_queue=2)
+    with TestClient(create_app(model, scheduler, ServeSettings("tiny"))) as client:
+        answers = {}
+
+        def ask(name, stream):
+            answers[name] = client.post("/v1/completions", json={**SLOW, "stream": stream})
+
+        threads = [threading.Thread(target=ask, args=(name, name == "streamed")) for name in ("plain", "streamed")]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while scheduler.active_requests + scheduler.queue_depth < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        scheduler.stop()
+        for t in threads:
+            t.join()
+        late = client.post("/v1/completions", json=SLOW)
+    plain = answers["plain"]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutting_down"
+    assert answers["streamed"].text.rstrip().endswith('"code": "shutting_down"}}')
+    assert late.status_code == 503 and "the server is shutting down" in late.json()["error"]["message"]
+
+
+def test_metrics_count_the_tokens_clients_get(http):
+    def generated() -> float:
+        line = next(l for l in http.get("/metrics").text.splitlines() if l.startswith("dgemma_generated_tokens_total"))
+        return float(line.split()[-1])
+
+    before = generated()
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 5, "seed": 0, "max_denoising_steps": 1}
+    usage = http.post("/v1/completions", json=body).json()["usage"]  # a 32-token canvas, 5 tokens kept
+    assert generated() - before == usage["completion_tokens"] <= 5

@@ -44,9 +44,14 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at capacity: retry later."""
 
 
+class ShuttingDown(RuntimeError):
+    """The scheduler is stopping: it takes no new requests."""
+
+
 @dataclass
 class RequestFailed:
-    """Terminal event of a request that did not finish: `cancelled`, or `error` (the engine step failed)."""
+    """Terminal event of a request that did not finish: `cancelled`, `error` (the engine step failed), or
+    `shutdown` (the scheduler stopped before it finished)."""
 
     reason: str
     message: str = ""
@@ -228,6 +233,8 @@ class Scheduler:
                               f"{self.max_queue})")
         now = time.perf_counter()
         with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             free = self.slots - len(self._active)
             if len(self._waiting) + len(requests) > self.max_queue + free:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (queue of {self.max_queue}) and "
@@ -270,13 +277,14 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop; requests still waiting or running end with `RequestFailed("error")`."""
+        """Stop the loop (after the step under way); requests still waiting or running end with
+        `RequestFailed("shutdown")`, and new ones are refused with `ShuttingDown`. Calling it again does nothing."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
-        self._fail_all("the server is shutting down")
+        self._fail_all("the server is shutting down", reason="shutdown")
 
     # -- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -379,7 +387,7 @@ class Scheduler:
                     self._active[i] = self._active[last]
                 self._active.pop()
 
-    def _fail_all(self, message: str, waiting: bool = True) -> None:
+    def _fail_all(self, message: str, waiting: bool = True, reason: str = "error") -> None:
         """End the running (and, with `waiting`, the queued) requests with an error; empty their slots."""
         with self._lock:
             rows, self._active = self._active, []
@@ -388,9 +396,9 @@ class Scheduler:
                 self._waiting.clear()
         self.cache.reset_rows(torch.arange(self.slots, device=self.cache.device))
         for row in rows:
-            row.emit(RequestFailed("error", message))
+            row.emit(RequestFailed(reason, message))
         for _, on_event, _ in queued:
-            _deliver(on_event, RequestFailed("error", message))
+            _deliver(on_event, RequestFailed(reason, message))
 
 
 class AsyncStreams:

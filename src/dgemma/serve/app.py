@@ -9,9 +9,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from ..api import DiffusionGemma
 from ..engine.scheduler import Scheduler
@@ -86,12 +88,28 @@ def create_app(model: DiffusionGemma, scheduler: Scheduler, settings: ServeSetti
                            param="model", code="model_not_found")
         return model_card(settings.model_name, created, model.config.canvas_length, scheduler.max_len)
 
+    # building a job tokenizes (a long prompt takes seconds): in a worker thread, so the event loop keeps serving
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await runner.respond(jobs.completion(body), request)
+        return await runner.respond(await run_in_threadpool(jobs.completion, body), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        return await runner.respond(jobs.chat(body), request)
+        return await runner.respond(await run_in_threadpool(jobs.chat, body), request)
 
     return app
+
+
+class EngineServer(uvicorn.Server):
+    """uvicorn's server, which on Ctrl-C / SIGTERM first stops the engine (after the step under way), so the
+    requests in flight and in the queue end at once with a 503 (an SSE error event when streaming) instead of
+    being cut off when the graceful-shutdown timeout runs out."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self.scheduler.stop()
+        super().handle_exit(sig, frame)

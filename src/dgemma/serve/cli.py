@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..config import ConfigError
-    from .app import ServeSettings, create_app
+    from .app import EngineServer, ServeSettings, create_app
 
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    EngineServer(config, scheduler).run(sockets=[sock])
     return 0
 
 

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from ..config import ConfigError
 from ..engine.generate import CanvasCommit, DenoiseStep, GenerationResult
-from ..engine.scheduler import AsyncStreams, Event, QueueFull, RequestFailed, Scheduler
+from ..engine.scheduler import AsyncStreams, Event, QueueFull, RequestFailed, Scheduler, ShuttingDown
 from .errors import APIError
 from .jobs import Job
 from .metrics import Metrics
@@ -46,6 +46,8 @@ class Runner:
             streams = AsyncStreams(self.scheduler, job.requests)
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}", code="queue_full", headers={"Retry-After": "1"}) from e
+        except ShuttingDown as e:
+            raise _shutting_down() from e
         except ConfigError as e:
             raise APIError(400, str(e), code="invalid_value") from e
         run = _Run(self, job, streams)
@@ -68,6 +70,10 @@ async def _cancel_on_disconnect(http: HTTPRequest, streams: AsyncStreams) -> Non
     while (await http.receive())["type"] != "http.disconnect":
         pass
     streams.cancel()
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; send the request again once it is back", code="shutting_down")
 
 
 def _timeout(seconds: float) -> APIError:
@@ -107,6 +113,8 @@ class _Run:
         if isinstance(event, RequestFailed):
             if event.reason == "error":
                 raise APIError(500, event.message, code="engine_error")
+            if event.reason == "shutdown":
+                raise _shutting_down()
             return None  # cancelled: by us after a stop, or because the client left
         if choice.finished:
             return None  # events that were in flight when a stop string cancelled the request
@@ -124,8 +132,11 @@ class _Run:
 
     def _commit(self, index: int, event: CanvasCommit) -> None:
         tokens, passes = event.tokens[0].tolist(), int(event.passes[0])
-        self.choices[index].add_canvas(tokens, passes)
-        self.runner.metrics.canvas(sum(t != self.runner.pad_id for t in tokens), passes)
+        choice = self.choices[index]
+        before = choice.completion_tokens
+        choice.add_canvas(tokens, passes)
+        # the tokens the client gets (within max_tokens, up to a stop), as usage counts them
+        self.runner.metrics.canvas(choice.completion_tokens - before, passes)
         if self.first_canvas:
             self.runner.metrics.first_canvas.observe(time.perf_counter() - self.arrived)
             self.first_canvas = False
