@@ -67,7 +67,8 @@ def test_bench_sweeps_prompt_canvas_and_passes(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "1,x"], "--batch must be comma-separated integers"),
     (["--prompt-len", "0"], "--prompt-len needs values >= 1"),
-    (["--passes", "1"], "--passes must be >= 2"),
+    (["--passes", "1"], "--passes needs values >= 2, got '1'"),
+    (["--passes", "0,3"], "--passes needs values >= 2"),
     (["--modes", "eager,warp"], "unknown --modes ['warp']"),
     (["--device", "cpu", "--modes", "graph"], "need a CUDA device"),
     (["--device", "cpu", "--modes", "fp8"], "need a CUDA device"),

@@ -281,6 +281,39 @@ def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
     assert code == 130 and err == ""
 
 
+def test_info_on_a_directory_that_is_not_a_checkpoint_names_it(capsys, tmp_path):
+    code, out, err = run(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, f"{tmp_path}: no config.json there (not a checkpoint directory)")
+
+
+def test_version(capsys):
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.startswith("dgemma ") and err == ""
+
+
+@pytest.mark.parametrize("raised, words", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 2030043136 bytes."), ["out of memory: ", "can't allocate memory"]),
+    (ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn"),
+     ["this needs the uvicorn package: pip install 'dgemma[serve]'"]),
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
+     ["this needs the matplotlib package: pip install 'dgemma[train]'"]),
+])
+def test_out_of_memory_and_missing_extras_are_one_line_errors(capsys, monkeypatch, raised, words):
+    def fails(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "cmd_info", fails)
+    code, out, err = run(capsys, "info", "tiny")
+    assert_one_line_error(code, err, *words)
+
+
+def test_serve_without_the_serve_extra_says_which_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # `import uvicorn` fails as when it is not installed
+    code, out, err = run(capsys, "serve", "--model", "tiny", "--port", "1")
+    assert_one_line_error(code, err, "pip install 'dgemma[serve]'")
+
+
 def test_python_dash_m_error_exit_status():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "dgemma", "generate", "Hello", "--steps", "0"],

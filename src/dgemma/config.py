@@ -211,7 +211,9 @@ class DiffusionGemmaConfig:
     def load(cls, directory: str | Path) -> "DiffusionGemmaConfig":
         path = Path(directory, "config.json")
         if not path.is_file():
-            raise ConfigError(f"{path}: not a file" if path.exists() else f"{path}: no config.json")
+            where = Path(directory).resolve()
+            raise ConfigError(f"{path}: not a file" if path.exists() else f"{where}: no config.json there (not a "
+                                                                          f"checkpoint directory)")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
