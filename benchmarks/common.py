@@ -1,7 +1,8 @@
-"""Shared helpers for the benchmark scripts: machine description, timing."""
+"""Shared helpers for the benchmark scripts: command line, machine description, timing."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 import platform
@@ -13,6 +14,13 @@ from typing import Any
 import torch
 
 from dgemma.bench.measure import cpu_model
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line `PROG: error: ...` (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} -h')\n")
 
 
 def _version(dist: str) -> str | None:

@@ -33,10 +33,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, median, timed  # noqa: E402
+from common import Parser, machine_info, median, timed  # noqa: E402
 
 from dgemma import DiffusionGemma  # noqa: E402
-from dgemma.config import preset  # noqa: E402
+from dgemma.cli import CLIError, check_writable, pick_device  # noqa: E402
+from dgemma.config import PRESETS, ConfigError, DiffusionGemmaConfig, preset  # noqa: E402
+from dgemma.model.weights import CheckpointError  # noqa: E402
+from dgemma.shipped import resolve  # noqa: E402
+
+PROG = Path(__file__).name
 
 SYSTEMS = ("dgemma", "transformers", "dgemma_ar")
 
@@ -61,9 +66,9 @@ class System:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (HF layout); default: --preset with random weights")
-    p.add_argument("--preset", default="bench", help="bench (~15.6M parameters), tiny or 26b-a4b")
+    p.add_argument("--preset", default="bench", choices=PRESETS, help="bench (~15.6M parameters), tiny or 26b-a4b")
     p.add_argument("--batch", type=int, default=1, help="prompts per call, all of the same length")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="give the --batch prompts to each system one per call (batch 1), one after another, and "
@@ -102,6 +107,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    # everything that can be checked without the weights is checked before any model is built or timed
+    try:
+        pick_device(args.device)
+        if args.plot:
+            check_writable(Path(args.plot), "--plot")
+    except CLIError as e:
+        p.error(str(e))
+    args.model_dir = None
+    if args.model:
+        try:
+            kind, source = resolve(args.model)
+            if kind == "directory":
+                DiffusionGemmaConfig.load(source)
+        except (ConfigError, FileNotFoundError) as e:
+            p.error(f"--model {e}")
+        if kind == "preset":
+            p.error(f"--model {args.model}: a preset, not a checkpoint (use --preset {args.model})")
+        args.model_dir = Path(source)
     return args
 
 
@@ -353,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = None
     try:
         if args.model:
-            path, source = Path(args.model), args.model
+            path, source = args.model_dir, args.model
         else:
             tmp = tempfile.TemporaryDirectory(prefix="dgemma-bench-")
             path, source = Path(tmp.name), f"preset {args.preset!r} with random weights (seed {args.seed})"
@@ -465,5 +490,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with what the library rejects (a damaged checkpoint, a prompt past the context) as one error line."""
+    try:
+        main(argv)
+    except (ConfigError, CheckpointError, OSError) as e:
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

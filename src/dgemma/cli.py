@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .canvas_view import CanvasView
@@ -238,6 +239,19 @@ def pick_device(requested: str | None):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise CLIError(f"--device {requested}: MPS is not available")
     return device
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """`path` can be written: its directory exists and is writable, and it is not a directory or read-only."""
+    parent = path.parent
+    if path.is_dir():
+        raise CLIError(f"{flag} {path}: is a directory")
+    if not parent.exists():
+        raise CLIError(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise CLIError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise CLIError(f"{flag} {path}: not writable")
 
 
 def _read_prompt(arg: str | None) -> str:

