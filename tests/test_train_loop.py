@@ -97,6 +97,8 @@ def _cli(*args: str) -> list[str]:
     (["--holdout-frac", "1"], "--holdout-frac must be in [0, 1), got 1.0"),
     (["--lora-alpha", "4"], "--lora-alpha needs --lora and a number > 0, got 4.0"),
     (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha needs --lora and a number > 0, got -1.0"),
+    (["--model", "runs/x/checkpoint-9", "--config-json", "c.json"],
+     "--config-json makes random weights, so --model runs/x/checkpoint-9 would be ignored: pass one or the other"),
 ])
 def test_cli_refuses_bad_optimiser_settings_before_any_work(flags, message, tmp_path, capsys):
     from dgemma.cli import main
@@ -105,6 +107,34 @@ def test_cli_refuses_bad_optimiser_settings_before_any_work(flags, message, tmp_
     assert code == 1
     assert capsys.readouterr().err.strip() == f"dgemma: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def _run_cli(corpus: Path, out: Path, *flags: str) -> int:
+    from dgemma.cli import main
+
+    return main(["train", "--data", str(corpus), "--out", str(out), "--steps", "1", "--batch-size", "4",
+                 "--seq-len", "32", "--device", "cpu", *flags])
+
+
+def test_warns_when_nothing_is_held_out_to_evaluate(corpus, tmp_path, capsys):
+    from dgemma.train.data import is_held_out
+
+    assert not any(is_held_out(f"m{i}.py", 0.01) for i in range(8))  # the default fraction holds none of 8 files
+    assert _run_cli(corpus, tmp_path / "a", "--eval-every", "1") == 0
+    err = capsys.readouterr().err
+    assert ("dgemma: warning: 0 held-out rows (--holdout-frac 0.01 of this data holds none out): --eval-every will "
+            "not evaluate; use a larger --holdout-frac or --eval-data\n") in err
+    assert not any("eval_loss" in r for r in metrics(tmp_path / "a"))
+    assert _run_cli(corpus, tmp_path / "b", "--eval-every", "1", "--holdout-frac", "0") == 0  # asked for none
+    assert "warning: 0 held-out rows" not in capsys.readouterr().err
+
+
+def test_says_when_the_loss_curve_is_not_drawn(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as if not installed
+    assert _run_cli(corpus, tmp_path, "--holdout-frac", "0.25") == 0
+    err = capsys.readouterr().err
+    assert "dgemma: warning: loss_curve.png not drawn: it needs matplotlib (pip install 'dgemma[train]')\n" in err
+    assert (tmp_path / "metrics.jsonl").is_file() and not (tmp_path / "loss_curve.png").exists()
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(corpus, tmp_path):

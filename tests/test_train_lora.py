@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,67 @@ def test_cli_lora_run_then_merge(tmp_path, capsys):
     assert "a LoRA adapter, not a model: merge it into its base with `dgemma train merge" in capsys.readouterr().err
     assert main(["train", "merge", str(out / "base"), "--out", str(tmp_path / "m2")]) == 1
     assert "base: no adapter_config.json (not a LoRA checkpoint" in capsys.readouterr().err
+
+
+def saved_adapter(tmp_path) -> Path:
+    """An adapter in tmp_path/adapter, trained (as it records) on the tiny base saved in tmp_path/base."""
+    base = dgemma.DiffusionGemma.from_config(preset("tiny"), seed=0)
+    base.save_pretrained(tmp_path / "base")
+    add_lora(base.model, 4, base=str(tmp_path / "base"))
+    save_adapter(base.model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_merge_refuses_an_adapter_of_another_architecture(tmp_path, capsys):
+    adapter = saved_adapter(tmp_path)
+    config = preset("tiny")
+    narrow = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config, hidden_size=32))
+    dgemma.DiffusionGemma.from_config(narrow, seed=0).save_pretrained(tmp_path / "narrow")
+    args = ["train", "merge", str(adapter), "--base", str(tmp_path / "narrow"), "--out", str(tmp_path / "merged")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"dgemma: error: {adapter}: the adapter does not fit the base model {tmp_path / 'narrow'}: "
+        f"layers.0.self_attn.q_proj.lora_A.weight is [4, 64] in the adapter but [4, 32] in the base "
+        f"(the adapter was trained on {tmp_path / 'base'})")
+    assert not (tmp_path / "merged").exists()
+    assert main(["train", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0  # its own base fits
+
+
+def test_merge_names_corrupt_adapter_weights(tmp_path, capsys):
+    adapter = saved_adapter(tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["train", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dgemma: error: {weights}: not a readable safetensors file, truncated or corrupt (")
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_names_a_corrupt_adapter_config(tmp_path, capsys):
+    adapter = saved_adapter(tmp_path)
+    config = adapter / "adapter_config.json"
+    config.write_text("{\n")
+    assert main(["train", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    assert capsys.readouterr().err.strip() == (f"dgemma: error: {config}: not valid JSON (Expecting property name "
+                                               "enclosed in double quotes: line 2 column 1 (char 2))")
+    config.write_text("[]")
+    assert main(["train", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 1
+    assert capsys.readouterr().err.strip() == (f"dgemma: error: {config}: not a LoRA adapter config "
+                                               '(no "peft_type": "LORA")')
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_a_preset_or_a_missing_base(tmp_path, capsys):
+    adapter = saved_adapter(tmp_path)
+    assert main(["train", "merge", str(adapter), "--base", "tiny", "--out", str(tmp_path / "merged")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dgemma: error: --base tiny is a preset of random weights, not a trained model: pass --base DIR, the "
+        f"checkpoint the adapter was trained on ({tmp_path / 'base'})")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    assert main(["train", "merge", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    assert capsys.readouterr().err.strip() == (f"dgemma: error: {adapter}: the base model it was trained on, "
+                                               f"{tmp_path / 'base'}, is not there: pass --base DIR")
+    assert not (tmp_path / "merged").exists()
+    assert main(["train", "merge", str(adapter), "--base", str(tmp_path / "moved"),
+                 "--out", str(tmp_path / "merged")]) == 0

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS
+from .config import DEFAULT_MODEL
 from .objective import WEIGHTINGS
 
 EPILOG = """\
@@ -42,9 +43,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--holdout-frac", type=float, default=0.01, metavar="F",
                       help="fraction of --data files/examples held out too, by hash (default 0.01)")
     model = t.add_argument_group("model")
-    model.add_argument("--model", default="tiny", metavar="DIR_OR_PRESET",
-                       help=f"checkpoint to start from, or a preset with random weights ({', '.join(PRESETS)})")
-    model.add_argument("--config-json", metavar="FILE", help="random weights for this config.json instead")
+    model.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_PRESET",
+                       help=f"checkpoint to start from, or a preset with random weights ({', '.join(PRESETS)}; "
+                            f"default {DEFAULT_MODEL})")
+    model.add_argument("--config-json", metavar="FILE", help="random weights for this config.json instead of --model")
     model.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (a random model takes its vocab size)")
     model.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
     model.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 2R)")
@@ -114,16 +116,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..cli import CLIError
+    from ..shipped import resolve
     from .base import load_base
     from .lora import adapter_base, attach_adapter, merge_lora
 
     adapter = Path(args.adapter)
-    base = args.base or adapter_base(adapter)
+    recorded = adapter_base(adapter)
+    base = args.base or recorded
     if base is None:
         raise CLIError(f"{adapter}: the adapter names no base model; pass --base DIR")
+    try:
+        kind, _ = resolve(base)
+    except FileNotFoundError:
+        if args.base:
+            raise
+        raise CLIError(f"{adapter}: the base model it was trained on, {base}, is not there: "
+                       "pass --base DIR") from None
+    if kind == "preset":
+        trained_on = f" ({recorded})" if recorded else ""
+        raise CLIError(f"--base {base} is a preset of random weights, not a trained model: pass --base DIR, the "
+                       f"checkpoint the adapter was trained on{trained_on}")
     has_tokenizer = (adapter / "tokenizer.json").is_file()  # the training run's (adapters saved before had none)
     model = load_base(base, tokenizer_dir=str(adapter) if has_tokenizer else None)
-    attach_adapter(model.model, adapter)
+    attach_adapter(model.model, adapter, base)
     merge_lora(model.model)
     model.save_pretrained(args.out)
     print(args.out)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from ..config import ConfigError
 from .objective import WEIGHTINGS
 
+DEFAULT_MODEL = "tiny"
+
 # settings a resumed run must share with the run it continues
 RESUME_FIXED = ("data", "ext", "eval_data", "holdout_frac", "pack", "seq_len", "batch_size", "seed", "model",
                 "config_json", "tokenizer", "lora", "lora_alpha")
@@ -17,7 +19,7 @@ RESUME_FIXED = ("data", "ext", "eval_data", "holdout_frac", "pack", "seq_len", "
 class TrainConfig:
     data: list[str]
     out: str
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     config_json: str | None = None
     tokenizer: str | None = None
     ext: list[str] | None = None
@@ -78,3 +80,6 @@ class TrainConfig:
             raise ConfigError("--infill-prob shapes the diffusion loss, which --diffusion-weight 0 turns off")
         if self.merge and not self.lora:
             raise ConfigError("--merge needs --lora")
+        if self.config_json is not None and self.model != DEFAULT_MODEL:
+            raise ConfigError(f"--config-json makes random weights, so --model {self.model} would be ignored: "
+                              "pass one or the other")

@@ -29,7 +29,7 @@ from .distributed import Distributed
 from .lora import add_lora, load_adapter, merge_lora
 from .objective import SUM_KEYS, CanvasPlan, LossTotals, diffusion_gemma_loss, plan_canvases
 from .optim import build_optimizer, set_lr, warmup_cosine
-from .report import Reporter
+from .report import CURVE_FILE, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +223,21 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     if resume_from is not None:
         optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, map_location=dist.device))
     train_rows, eval_rows = load_rows(cfg, model.tokenizer)
+    if not len(eval_rows) and cfg.holdout_frac > 0 and dist.is_main:
+        log.warning("0 held-out rows (--holdout-frac %g of this data holds none out): --eval-every will not "
+                    "evaluate; use a larger --holdout-frac or --eval-data", cfg.holdout_frac)
     stream = BatchStream(train_rows, cfg.batch_size, cfg.seed, state.epoch, state.position)
     reporter = Reporter(out, state.step, cfg.steps, cfg.log_every) if dist.is_main else None
 
     try:
         Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
     finally:
-        curve = reporter.close() if reporter else None
-        if curve:
-            log.info("loss curve: %s", curve)
+        if reporter:
+            curve = reporter.close()
+            if curve:
+                log.info("loss curve: %s", curve)
+            else:
+                log.warning("%s not drawn: it needs matplotlib (pip install 'dgemma[train]')", CURVE_FILE)
     if cfg.merge and dist.is_main:
         merge_lora(model.model)
         model.model.requires_grad_(False).eval().cpu()

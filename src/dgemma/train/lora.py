@@ -8,9 +8,11 @@ dgemma's parameter names; `base_model_name_or_path` in the config points at the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -48,18 +50,58 @@ def save_adapter(model: nn.Module, directory: Path) -> None:
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def load_adapter(model: nn.Module, directory: Path) -> None:
-    """Load adapter weights saved by `save_adapter` into a model that already has LoRA layers."""
-    result = _peft().set_peft_model_state_dict(model, load_file(str(directory / ADAPTER_WEIGHTS)))
-    if result.unexpected_keys:
-        raise ValueError(f"{directory}: adapter weights do not fit the model: {result.unexpected_keys[:4]}")
+def load_adapter(model: nn.Module, directory: Path, base: str | None = None) -> None:
+    """Load adapter weights saved by `save_adapter` into a model that already has LoRA layers; `base` names the
+    model in the error when the adapter does not fit it (layers, or their shapes, differ)."""
+    state = _adapter_weights(Path(directory) / ADAPTER_WEIGHTS)
+    peft = _peft()
+    expected = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    misfit = _misfit(state, expected)
+    if misfit:
+        trained_on = model.peft_config["default"].base_model_name_or_path
+        named = f" {base}" if base else ""
+        origin = f" (the adapter was trained on {trained_on})" if trained_on and trained_on != base else ""
+        raise ConfigError(f"{directory}: the adapter does not fit the base model{named}: {misfit}{origin}")
+    peft.set_peft_model_state_dict(model, state)
+
+
+def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (the adapter's weights)")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ConfigError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _misfit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first adapter tensor (in the model's order) that the model's LoRA layers do not match, described."""
+    for key, tensor in expected.items():
+        if key not in state:
+            return f"the base has {key}, the adapter does not"
+        if state[key].shape != tensor.shape:
+            return f"{key} is {list(state[key].shape)} in the adapter but {list(tensor.shape)} in the base"
+    extra = [key for key in state if key not in expected]
+    if extra:
+        return f"the adapter has {extra[0]}, the base does not"
+    return None
 
 
 def _adapter_config(directory: Path):
     """The adapter's LoraConfig, read from the directory only (peft would otherwise look the name up on the Hub)."""
-    if not (Path(directory) / "adapter_config.json").is_file():
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
         raise ConfigError(f"{directory}: no adapter_config.json (not a LoRA checkpoint of `dgemma train --lora`)")
-    return _peft().LoraConfig.from_pretrained(str(directory))
+    try:
+        fields = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(fields, dict) or fields.get("peft_type") != "LORA":
+        raise ConfigError(f"{path}: not a LoRA adapter config (no \"peft_type\": \"LORA\")")
+    try:
+        return _peft().LoraConfig.from_pretrained(str(directory))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def adapter_base(directory: Path) -> str | None:
@@ -67,12 +109,13 @@ def adapter_base(directory: Path) -> str | None:
     return _adapter_config(directory).base_model_name_or_path
 
 
-def attach_adapter(model: nn.Module, directory: Path) -> None:
-    """Add the LoRA layers described by an adapter directory and load its weights."""
+def attach_adapter(model: nn.Module, directory: Path, base: str | None = None) -> None:
+    """Add the LoRA layers described by an adapter directory and load its weights (`base`: the model's name, for
+    errors)."""
     peft = _peft()
     config = _adapter_config(directory)
     peft.inject_adapter_in_model(config, model)
-    load_adapter(model, directory)
+    load_adapter(model, directory, base)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
