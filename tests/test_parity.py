@@ -73,6 +73,22 @@ def test_generate_reproduces_transformers_token_for_token(reference_checkpoint, 
         assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
 
 
+def test_a_generation_config_without_eos_stops_at_none_as_in_transformers(reference_checkpoint):
+    """transformers' own save_pretrained writes a generation_config.json without eos_token_id, and its generate then
+    never stops at an EOS; dgemma took config.json's EOS instead (a row that wrote one ended there)."""
+    path, ref = reference_checkpoint("window", "confident")
+    assert "eos_token_id" not in json.loads((path / "generation_config.json").read_text())
+    assert dgemma.DiffusionGemma.from_pretrained(path).generation_config.eos_token_id == []
+    writes_eos = 0
+    for seed in (5, 6):  # seed 6 writes token 1, config.json's EOS, at its 12th place
+        prompt = [2] + torch.randint(3, 512, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+        expected, got = _generate_pair(path, ref, prompt, seed, max_new_tokens=48, max_denoising_steps=10,
+                                       stability_threshold=0)
+        assert got.sequences.tolist() == expected.sequences.tolist(), f"seed {seed}"
+        writes_eos += 1 in got.sequences[0, len(prompt):].tolist()
+    assert writes_eos  # the case that differed: an EOS in the output, not a stop
+
+
 @pytest.mark.parametrize("name,variant", [("window", "random"), ("multi", "confident")])
 def test_generate_in_bfloat16_reproduces_transformers_token_for_token(reference_checkpoint, name, variant):
     """In bf16 the reference hands self-conditioning the scaled logits rounded to bf16; so does dgemma."""

@@ -358,7 +358,12 @@ class GenerationConfig:
                 raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
         elif path.exists():
             raise ConfigError(f"{path}: not a file")
-        gen = cls.for_model(model_config, **cls.from_hf_dict(data).__dict__)
+        settings = cls.from_hf_dict(data).__dict__
+        if path.is_file() and data.get("eos_token_id") is None:
+            # as transformers reads it: a generation_config.json without EOS never stops at one (transformers'
+            # own save_pretrained writes such files); only a checkpoint without the file takes config.json's
+            settings["eos_token_id"] = []
+        gen = cls.for_model(model_config, **settings)
         try:
             gen.validate()
         except ConfigError as e:
