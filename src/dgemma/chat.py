@@ -190,6 +190,8 @@ def _command(line: str, convo: Conversation, err: TextIO) -> bool:
 
 def _reply(convo: Conversation, user: str, screen: _Screen, err: TextIO) -> None:
     """Generate and show one reply; the turn joins the conversation only when the reply is complete."""
+    from jinja2.exceptions import TemplateError
+
     from .engine.cache import CacheFullError
     from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
     from .serve.output import ChoiceOutput, TextDecoder
@@ -216,7 +218,7 @@ def _reply(convo: Conversation, user: str, screen: _Screen, err: TextIO) -> None
                     screen.write(*choice.delta())
             elif isinstance(event, GenerationResult):
                 result = event
-    except (ConfigError, CacheFullError) as e:
+    except (ConfigError, CacheFullError, TemplateError) as e:
         screen.close()
         print(f"dgemma: error: {' '.join(str(e).split())} (the turn is dropped; /reset starts over)", file=err,
               flush=True)
@@ -251,7 +253,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     gen = gen.updated(eos_token_id=list(dict.fromkeys([*(gen.eos_token_id or []), *tok.stop_ids])))
     convo = Conversation(model, gen, args.system, args.thinking, args.seed)
-    convo.messages("")  # a bad system prompt is said now, not at the first turn
     stdin, stdout, err = sys.stdin, sys.stdout, sys.stderr
     tty = stdin.isatty() and stdout.isatty()
     if tty:
