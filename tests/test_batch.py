@@ -100,3 +100,21 @@ def test_a_file_with_a_repeated_custom_id_is_refused_before_the_model_loads(tmp_
     code = main(["batch", "-i", str(tmp_path / "good.jsonl"), "-o", str(tmp_path / "no" / "out.jsonl"), *ENGINE])
     assert code == 1 and "no/out.jsonl: No such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_odd_characters_a_bom_and_a_rerun_of_a_finished_file(tmp_path, capsys, served):
+    line_break = {**completion(0), "custom_id": "a\u2028b", "body": {**completion(0)["body"], "prompt": "x\u2028y"}}
+    surrogate = '{"custom_id": "\\ud800", "url": "/v1/completions", "body": {}}'
+    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in (line_break, completion(1)))
+    (tmp_path / "in.jsonl").write_text(text + surrogate + "\n", encoding="utf-8-sig")  # with a BOM
+    argv = ["batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), *ENGINE]
+    assert main(argv) == 1  # the surrogate line fails, alone
+    out = results(tmp_path / "out.jsonl")
+    assert out["a\u2028b"]["response"]["body"]["choices"] == served(line_break)["choices"]
+    assert out["c1"]["response"]["status_code"] == 200
+    assert "custom_id must be a non-empty string of valid Unicode" in out[None]["error"]["message"]
+    written = (tmp_path / "out.jsonl").read_text()
+    assert main(argv) == 0 and (tmp_path / "out.jsonl").read_text() == written  # nothing left to do
+    assert "continuing with the other 0" in capsys.readouterr().err
+    same = ["batch", "-i", str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "out.jsonl"), *ENGINE]
+    assert main(same) == 2 and "-i and -o are the same file" in capsys.readouterr().err

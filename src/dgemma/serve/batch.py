@@ -62,7 +62,7 @@ def read_requests(text: str, source: str) -> list[Line]:
     from ..config import ConfigError
 
     lines, seen = [], {}
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028 etc.
         if not raw.strip():
             continue
         try:
@@ -74,8 +74,8 @@ def read_requests(text: str, source: str) -> list[Line]:
             lines.append(Line(number, None, None, None, "not a JSON object"))
             continue
         custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            lines.append(Line(number, None, None, None, "custom_id must be a non-empty string"))
+        if not isinstance(custom_id, str) or not custom_id or not _encodable(custom_id):
+            lines.append(Line(number, None, None, None, "custom_id must be a non-empty string of valid Unicode"))
             continue
         if custom_id in seen:
             raise ConfigError(f"{source}:{number}: custom_id {custom_id!r} is also on line {seen[custom_id]}; "
@@ -90,6 +90,14 @@ def read_requests(text: str, source: str) -> list[Line]:
     return lines
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
+        return False
+    return True
+
+
 def answered_ids(path: Path) -> set[str]:
     """custom_ids an earlier run already wrote to `path`. A last line cut short (the run was killed while writing
     it) is removed, so that the lines appended next start on a line of their own."""
@@ -101,7 +109,7 @@ def answered_ids(path: Path) -> set[str]:
         with path.open("r+b") as f:
             f.truncate(len(complete))
     done = set()
-    for raw in complete.decode("utf-8", errors="replace").splitlines():
+    for raw in complete.decode("utf-8", errors="replace").split("\n"):
         try:
             item = json.loads(raw)
         except json.JSONDecodeError:
@@ -167,7 +175,7 @@ async def run_batch(app, lines: list[Line], out: TextIO, concurrency: int, progr
         counts["ok" if ok else "failed"] += 1
         if ok:
             counts["completion_tokens"] += record["response"]["body"]["usage"]["completion_tokens"]
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json.dumps(record) + "\n")  # ASCII: no character of a text can split or break the line
         out.flush()
         progress(counts)
 
@@ -182,13 +190,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
         text, source = sys.stdin.read(), "<stdin>"
     else:
         try:
-            text, source = Path(args.input).read_text(encoding="utf-8"), args.input
+            text, source = Path(args.input).read_text(encoding="utf-8-sig"), args.input
         except UnicodeDecodeError:
             raise CLIError(f"{args.input}: not UTF-8 text") from None
+    if args.input != "-" and args.output != "-" and Path(args.output).exists() \
+            and Path(args.input).resolve() == Path(args.output).resolve():
+        raise CLIError(f"-i and -o are the same file, {args.input}: the results need a file of their own")
     lines = read_requests(text, source)  # a bad file is said before the model loads
-    done = set() if args.output == "-" else answered_ids(Path(args.output))
-    todo = [line for line in lines if line.custom_id is None or line.custom_id not in done]
-    if done:
+    continuing = args.output != "-" and Path(args.output).is_file() and Path(args.output).stat().st_size > 0
+    done = answered_ids(Path(args.output)) if continuing else set()
+    # lines that are not requests were answered at the start of the run being continued
+    todo = [line for line in lines if line.custom_id not in done and not (continuing and line.custom_id is None)]
+    if continuing:
         print(f"dgemma: {args.output} already answers {len(lines) - len(todo)} of the {len(lines)} requests; "
               f"continuing with the other {len(todo)}", file=sys.stderr, flush=True)
     if not todo:
@@ -224,9 +237,14 @@ def _answer(args: argparse.Namespace, todo: list[Line], out: TextIO) -> dict[str
             print(f"{chr(13) if tty else ''}dgemma: {finished}/{len(todo)} requests ({counts['failed']} failed), {rate:.1f} tokens/s",
                   end="\n" if finished == len(todo) else "", file=sys.stderr, flush=True)
 
+    async def answer_all() -> dict[str, int]:
+        try:  # twice the slots in flight: the queue holds the next requests while the slots work
+            return await run_batch(app, todo, out, 2 * scheduler.slots, progress)
+        finally:
+            scheduler.stop()  # while the event loop still takes the requests' last events (Ctrl-C included)
+
     scheduler.start()
     try:
-        # twice the slots in flight: the queue holds the next requests while the slots work
-        return asyncio.run(run_batch(app, todo, out, 2 * scheduler.slots, progress))
+        return asyncio.run(answer_all())
     finally:
         scheduler.stop()
