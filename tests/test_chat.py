@@ -98,6 +98,15 @@ def test_thinking_shows_the_reasoning_apart_and_keeps_only_the_answer(capsys, mo
     monkeypatch.setattr(DiffusionGemma, "stream_generate", fake)
     code, out, err = chat(capsys, monkeypatch, "Q1\nQ2\n", "--thinking")
     assert code == 0, err
-    assert out == "Yes.\nYes.\n" and err.count("Hmm.") == 2
+    assert out == "Yes.\nYes.\n" and err.count("Hmm.\n") == 2  # each reasoning ends its line
     assert "<|think|>" in prompts[0]  # thinking on in the template
     assert "Hmm." not in prompts[1] and "Yes." in prompts[1]
+
+
+def test_the_input_ending_inside_a_block_leaves_and_a_bad_system_prompt_is_refused(capsys, monkeypatch):
+    code, out, err = chat(capsys, monkeypatch, '"""half\ntyped\n', "--seed", "0")
+    assert code == 0 and out == "" and " tokens, " not in err  # nothing half-typed was sent
+    code, out, err = chat(capsys, monkeypatch, "/system a\udcff\n", "--seed", "0")
+    assert code == 0 and "(the system prompt is not valid UTF-8 text; unchanged)" in err
+    code, out, err = chat(capsys, monkeypatch, "Hi\n", "--system", "a\udcff")
+    assert code == 2 and "dgemma: error: --system is not valid UTF-8 text" in err

@@ -88,12 +88,14 @@ class _Screen:
         self.out, self.err, self.tty = out, err, tty
         self.view = CanvasView(out, tokenizer, tty) if show_canvas else None
         self.in_reasoning = False
+        self.err_open = False  # reasoning written to stderr without its line ended
         self.written = ""
 
     def write(self, reasoning: str, content: str) -> None:
         if reasoning and not self.tty:  # piped: the answer alone on stdout, the reasoning on stderr
             self.err.write(reasoning)
             self.err.flush()
+            self.err_open = not reasoning.endswith("\n")
         elif reasoning:
             if not self.in_reasoning:
                 self._text(_DIM)
@@ -120,6 +122,9 @@ class _Screen:
 
     def close(self) -> None:
         self._end_reasoning()
+        if self.err_open:
+            self.err.write("\n")
+            self.err.flush()
         if self.view is not None:
             self.view.close()
         if not self.written.endswith("\n"):
@@ -153,12 +158,24 @@ def _lines(stdin: TextIO, prompt: str, tty: bool) -> Iterator[str]:
             yield first[:-3]
             continue
         parts = [start[3:]]
-        while (more := _read(stdin, "... ", tty)) is not None:
+        while True:
+            more = _read(stdin, "... ", tty)
+            if more is None:  # the input ended inside the block: leave, sending nothing half-typed
+                return
             if more.rstrip().endswith('"""'):
                 parts.append(more.rstrip()[:-3])
                 break
             parts.append(more)
         yield "\n".join(parts).strip("\n")
+
+
+def _is_text(text: str) -> bool:
+    """Not carrying undecodable bytes (they arrive from argv or stdin as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _command(line: str, convo: Conversation, err: TextIO) -> bool:
@@ -173,6 +190,10 @@ def _command(line: str, convo: Conversation, err: TextIO) -> bool:
         convo.reset()
         print("(conversation cleared)", file=err)
     elif name == "/system":
+        if not _is_text(arg):
+            print("(the system prompt is not valid UTF-8 text; unchanged)", file=err)
+            err.flush()
+            return True
         convo.system = arg or None
         convo.reset()
         print(f"(system prompt {'set' if arg else 'removed'}; conversation cleared)", file=err)
@@ -247,6 +268,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .cli import CLIError, load_for_generation, sampler_settings
 
     gen = sampler_settings(args)
+    if args.system is not None and not _is_text(args.system):
+        raise CLIError("--system is not valid UTF-8 text")
     if sys.stdin is None:
         raise CLIError("no stdin to read the conversation from")
     model = load_for_generation(args)
@@ -268,9 +291,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not _command(line, convo, err):
                 break
             continue
-        try:
-            line.encode("utf-8")
-        except UnicodeEncodeError:
+        if not _is_text(line):
             print("dgemma: error: the message is not valid UTF-8 text", file=err, flush=True)
             continue
         _reply(convo, line, _Screen(stdout, err, tok, tty, args.show_canvas), err)
