@@ -277,6 +277,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     gen = gen.updated(eos_token_id=list(dict.fromkeys([*(gen.eos_token_id or []), *tok.stop_ids])))
     convo = Conversation(model, gen, args.system, args.thinking, args.seed)
     stdin, stdout, err = sys.stdin, sys.stdout, sys.stderr
+    if hasattr(stdin, "reconfigure"):  # undecodable bytes reach a line as surrogates: that line is refused, not the session
+        stdin.reconfigure(errors="surrogateescape")
     tty = stdin.isatty() and stdout.isatty()
     if tty:
         try:
