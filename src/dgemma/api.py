@@ -142,7 +142,6 @@ def _config_overrides(config) -> dict:
     return out
 
 
-
 class DiffusionGemma:
     def __init__(self, model: DiffusionGemmaModel, generation_config: GenerationConfig,
                  tokenizer: Tokenizer | None = None):

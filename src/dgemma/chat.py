@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from .config import ConfigError, GenerationConfig
+from .tokenizer import is_valid_text
 
 HELP = """commands:
   /help            this list
@@ -89,7 +90,7 @@ class _Screen:
         self.view = CanvasView(out, tokenizer, tty) if show_canvas else None
         self.in_reasoning = False
         self.err_open = False  # reasoning written to stderr without its line ended
-        self.written = ""
+        self.ends_line = False  # what was written to stdout ends with a line break (nothing written: no)
 
     def write(self, reasoning: str, content: str) -> None:
         if reasoning and not self.tty:  # piped: the answer alone on stdout, the reasoning on stderr
@@ -113,7 +114,7 @@ class _Screen:
     def _text(self, text: str) -> None:
         if not text:
             return
-        self.written += text
+        self.ends_line = text.endswith("\n")
         if self.view is not None:
             self.view.text(text)
         else:
@@ -127,7 +128,7 @@ class _Screen:
             self.err.flush()
         if self.view is not None:
             self.view.close()
-        if not self.written.endswith("\n"):
+        if not self.ends_line:
             self.out.write("\n")
         self.out.flush()
 
@@ -169,15 +170,6 @@ def _lines(stdin: TextIO, prompt: str, tty: bool) -> Iterator[str]:
         yield "\n".join(parts).strip("\n")
 
 
-def _is_text(text: str) -> bool:
-    """Not carrying undecodable bytes (they arrive from argv or stdin as lone surrogates)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _command(line: str, convo: Conversation, err: TextIO) -> bool:
     """Run a /command; False to leave."""
     name, _, arg = line.strip().partition(" ")
@@ -190,7 +182,7 @@ def _command(line: str, convo: Conversation, err: TextIO) -> bool:
         convo.reset()
         print("(conversation cleared)", file=err)
     elif name == "/system":
-        if not _is_text(arg):
+        if not is_valid_text(arg):
             print("(the system prompt is not valid UTF-8 text; unchanged)", file=err)
             err.flush()
             return True
@@ -209,17 +201,16 @@ def _command(line: str, convo: Conversation, err: TextIO) -> bool:
     return True
 
 
-def _reply(convo: Conversation, user: str, screen: _Screen, err: TextIO) -> None:
+def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO) -> None:
     """Generate and show one reply; the turn joins the conversation only when the reply is complete."""
     from jinja2.exceptions import TemplateError
 
     from .engine.cache import CacheFullError
     from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
-    from .serve.output import ChoiceOutput, TextDecoder
+    from .serve.output import ChoiceOutput
 
     model = convo.model
     stop_ids = set(convo.gen.eos_token_id or [])
-    decoder = TextDecoder(model.tokenizer)
     c = model.config.canvas_length
     limit = -(-convo.gen.max_new_tokens // c) * c  # whole canvases, as generation writes them
     choice = ChoiceOutput(decoder, stop_ids, [], convo.thinking, convo.gen.pad_token_id, limit)
@@ -265,19 +256,22 @@ def _reply(convo: Conversation, user: str, screen: _Screen, err: TextIO) -> None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .cli import CLIError, load_for_generation, sampler_settings
+    from .cli import CLIError, load_with_tokenizer, sampler_settings
+    from .serve.output import TextDecoder
 
     gen = sampler_settings(args)
-    if args.system is not None and not _is_text(args.system):
+    if args.system is not None and not is_valid_text(args.system):
         raise CLIError("--system is not valid UTF-8 text")
     if sys.stdin is None:
         raise CLIError("no stdin to read the conversation from")
-    model = load_for_generation(args)
+    model = load_with_tokenizer(args.model, args.device, args.dtype)
     tok = model.tokenizer
     gen = gen.updated(eos_token_id=list(dict.fromkeys([*(gen.eos_token_id or []), *tok.stop_ids])))
     convo = Conversation(model, gen, args.system, args.thinking, args.seed)
+    decoder = TextDecoder(tok)  # built once: it reads the tokenizer's special and byte tokens
     stdin, stdout, err = sys.stdin, sys.stdout, sys.stderr
-    if hasattr(stdin, "reconfigure"):  # undecodable bytes reach a line as surrogates: that line is refused, not the session
+    # undecodable bytes reach a line as surrogates: that line is refused, not the session
+    if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="surrogateescape")
     tty = stdin.isatty() and stdout.isatty()
     if tty:
@@ -293,8 +287,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not _command(line, convo, err):
                 break
             continue
-        if not _is_text(line):
+        if not is_valid_text(line):
             print("dgemma: error: the message is not valid UTF-8 text", file=err, flush=True)
             continue
-        _reply(convo, line, _Screen(stdout, err, tok, tty, args.show_canvas), err)
+        _reply(convo, line, _Screen(stdout, err, tok, tty, args.show_canvas), decoder, err)
     return 0

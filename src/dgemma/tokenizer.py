@@ -222,6 +222,16 @@ class Tokenizer:
         return self.encode(text, add_bos=False) if tokenize else text
 
 
+def is_valid_text(text: str) -> bool:
+    """False for a str carrying lone surrogates: undecodable bytes from argv or stdin (surrogateescape) or a
+    JSON `\\ud800` escape; such text has no UTF-8 form, and the tokenizer refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def split_reasoning(text: str, opened: bool | None = None) -> tuple[str, str]:
     """Split generated text into (reasoning, content).
 

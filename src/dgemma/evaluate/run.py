@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from ..api import DiffusionGemma
 from .infill import ar_infill, diffusion_infill, passes_tests
 from .loss import heldout_loss
 from .tasks import humaneval_tasks, stdlib_tasks
@@ -56,20 +55,13 @@ def log(msg: str) -> None:
     print(f"dgemma: {msg}", file=sys.stderr, flush=True)
 
 
-def load_with_tokenizer(name: str, device: str) -> DiffusionGemma:
-    from ..cli import CLIError
-
-    model = DiffusionGemma.from_pretrained(name, device=device)
-    if model.tokenizer is None:
-        raise CLIError(f"{name}: the model has no tokenizer (tokenizer.json missing)")
-    return model
-
-
 def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, per_file: int, sweep: list[int],
         humaneval: bool, loss_chunks: int, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
-    model = load_with_tokenizer(model_dir, device)
-    ar_model = load_with_tokenizer(ar_model_dir, device) if ar_model_dir else model
+    from ..cli import load_with_tokenizer
+
+    model = load_with_tokenizer(model_dir, device, "float32")
+    ar_model = load_with_tokenizer(ar_model_dir, device, "float32") if ar_model_dir else model
     stdlib = stdlib_tasks(per_file=per_file)
     report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole,
                     "device": device}
@@ -191,12 +183,13 @@ def check_model(name: str, flag: str) -> None:
 
 def require(module: str, package: str, what: str, instead: str = "") -> None:
     """`module` imports, or a CLIError naming the package to install (an extra of dgemma)."""
-    from ..cli import CLIError
+    from ..cli import EXTRAS, CLIError
 
     try:
         importlib.import_module(module)
     except ImportError:
-        raise CLIError(f"{what} needs the {package} package: pip install 'dgemma[train]'{instead}") from None
+        extra = EXTRAS[module.split(".")[0]]
+        raise CLIError(f"{what} needs the {package} package: pip install 'dgemma[{extra}]'{instead}") from None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -23,10 +23,9 @@ class CanvasRNG:
         alone. The batch generator always draws for every row, as the reference does."""
         if self.generators is None:
             return torch.randint(0, vocab_size, (batch, length), device=device)
-        idle = [False] * batch if stopped is None else stopped.tolist()
         return torch.stack([torch.zeros(length, dtype=torch.long, device=device) if skip else
                             torch.randint(0, vocab_size, (length,), device=device, generator=g)
-                            for g, skip in zip(self.generators, idle)])
+                            for g, skip in zip(self.generators, _idle(stopped, batch))])
 
     def sample(self, probs: torch.Tensor, used: torch.Tensor | None = None,
                stopped: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,6 +40,10 @@ class CanvasRNG:
             used = torch.ones(b, c, dtype=torch.bool, device=probs.device)
         if self.generators is None:
             return multinomial_rows(probs.reshape(-1, v), used.reshape(-1)).view(b, c)
-        idle = [False] * b if stopped is None else stopped.tolist()
-        return torch.stack([torch.zeros(c, dtype=torch.long, device=probs.device) if skip else
-                            multinomial_rows(p, u, g) for p, u, g, skip in zip(probs, used, self.generators, idle)])
+        return torch.stack([torch.zeros(c, dtype=torch.long, device=probs.device) if skip else multinomial_rows(p, u, g)
+                            for p, u, g, skip in zip(probs, used, self.generators, _idle(stopped, b))])
+
+
+def _idle(stopped: torch.Tensor | None, batch: int) -> list[bool]:
+    """Per row: its generator stays as it is (the row stopped)."""
+    return [False] * batch if stopped is None else stopped.tolist()

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..tokenizer import is_valid_text
+
 URLS = ("/v1/chat/completions", "/v1/completions")
 
 
@@ -74,7 +76,7 @@ def read_requests(text: str, source: str) -> list[Line]:
             lines.append(Line(number, None, None, None, "not a JSON object"))
             continue
         custom_id = item.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id or not _encodable(custom_id):
+        if not isinstance(custom_id, str) or not custom_id or not is_valid_text(custom_id):
             lines.append(Line(number, None, None, None, "custom_id must be a non-empty string of valid Unicode"))
             continue
         if custom_id in seen:
@@ -90,19 +92,9 @@ def read_requests(text: str, source: str) -> list[Line]:
     return lines
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
-        return False
-    return True
-
-
 def answered_ids(path: Path) -> set[str]:
     """custom_ids an earlier run already wrote to `path`. A last line cut short (the run was killed while writing
     it) is removed, so that the lines appended next start on a line of their own."""
-    if not path.exists():
-        return set()
     data = path.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) < len(data):
@@ -234,7 +226,8 @@ def _answer(args: argparse.Namespace, todo: list[Line], out: TextIO) -> dict[str
         finished = counts["ok"] + counts["failed"]
         if tty or finished == len(todo):
             rate = counts["completion_tokens"] / max(time.perf_counter() - start, 1e-9)
-            print(f"{chr(13) if tty else ''}dgemma: {finished}/{len(todo)} requests ({counts['failed']} failed), {rate:.1f} tokens/s",
+            back = "\r" if tty else ""  # a terminal shows one line, rewritten
+            print(f"{back}dgemma: {finished}/{len(todo)} requests ({counts['failed']} failed), {rate:.1f} tokens/s",
                   end="\n" if finished == len(todo) else "", file=sys.stderr, flush=True)
 
     async def answer_all() -> dict[str, int]:
