@@ -166,3 +166,34 @@ def test_merge_refuses_a_preset_or_a_missing_base(tmp_path, capsys):
     assert not (tmp_path / "merged").exists()
     assert main(["train", "merge", str(adapter), "--base", str(tmp_path / "moved"),
                  "--out", str(tmp_path / "merged")]) == 0
+
+
+def test_cli_lora_on_a_bfloat16_base(tmp_path, capsys):
+    """--dtype bfloat16 keeps the frozen base in bf16 (half the memory) while the adapters train in fp32; the
+    merged checkpoint is bf16 and equals the bf16 base with the trained adapters folded in."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} plus {i} is {2 * i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), "--lora", "4", "--dtype", "bfloat16", "--merge",
+                 "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--lr", "1e-2", "--device", "cpu",
+                 "--holdout-frac", "0"])
+    assert code == 0, capsys.readouterr().err
+    from safetensors import safe_open
+    with safe_open(str(out / "checkpoint-2" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    with safe_open(str(out / "merged" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    merged = dgemma.DiffusionGemma.from_pretrained(out / "merged", dtype=torch.bfloat16).model
+    base = dgemma.DiffusionGemma.from_pretrained(out / "base", dtype=torch.bfloat16).model
+    attach_adapter(base, out / "checkpoint-2")
+    for name, p in base.named_parameters():
+        assert p.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
+    merge_lora(base)
+    for a, b in zip(outputs(merged), outputs(base)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # a resumed run must keep the dtype; full training cannot take one
+    assert main(["train", "--data", str(data), "--out", str(out), "--lora", "4", "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "16", "--device", "cpu", "--holdout-frac", "0", "--resume"]) == 1
+    assert "cannot resume with different settings (dtype: 'bfloat16' -> 'float32')" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "full"), "--dtype", "bfloat16"]) == 1
+    assert "--dtype bfloat16 needs --lora" in capsys.readouterr().err

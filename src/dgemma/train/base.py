@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from ..api import DiffusionGemma
 from ..config import ConfigError, DiffusionGemmaConfig, preset
 from ..shipped import resolve
@@ -13,8 +15,10 @@ from ..tokenizer import Tokenizer
 
 
 def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | None = None,
-              seed: int = 0) -> DiffusionGemma:
-    """A checkpoint directory, or random weights for a preset name or a `config.json` file.
+              seed: int = 0, dtype: torch.dtype | str = torch.float32,
+              device: str | torch.device = "cpu") -> DiffusionGemma:
+    """A checkpoint directory, or random weights for a preset name or a `config.json` file, in `dtype` on
+    `device` (a checkpoint's tensors are placed there as they are read).
 
     `tokenizer_dir` (a folder with tokenizer.json) replaces the model's tokenizer; a randomly initialised model
     takes the tokenizer's vocabulary size, a checkpoint must already have room for it.
@@ -26,9 +30,9 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
         if tokenizer is not None:
             text = dataclasses.replace(config.text_config, vocab_size=tokenizer.vocab_size)
             config = dataclasses.replace(config, text_config=text)
-        base = DiffusionGemma.from_config(config, seed=seed)
+        base = DiffusionGemma.from_config(config, seed=seed, dtype=_dtype(dtype), device=device)
     else:
-        base = DiffusionGemma.from_pretrained(source)
+        base = DiffusionGemma.from_pretrained(source, dtype=dtype, device=device)
     if tokenizer is not None:
         if tokenizer.vocab_size > base.config.text_config.vocab_size:
             raise ConfigError(f"tokenizer {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model's "
@@ -58,3 +62,7 @@ def _config(model: str, config_json: str | None) -> DiffusionGemmaConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

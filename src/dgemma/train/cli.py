@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, DTYPES
 from .objective import WEIGHTINGS
 
 EPILOG = """\
@@ -51,6 +51,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--lora", type=int, default=0, metavar="R", help="train rank-R LoRA adapters only")
     model.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default 2R)")
     model.add_argument("--merge", action="store_true", help="with --lora: also write OUT/merged, a full checkpoint")
+    model.add_argument("--dtype", choices=DTYPES, default="float32",
+                       help="with --lora: dtype of the frozen base weights (bfloat16 halves their memory; the "
+                            "adapters train in float32; default float32)")
     opt = t.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=1000, metavar="N", help="optimizer steps (default 1000)")
     opt.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per step, all processes (default 8)")
@@ -85,6 +88,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("adapter", metavar="ADAPTER_DIR", help="a checkpoint directory of a --lora run")
     m.add_argument("--out", required=True, metavar="DIR", help="output directory")
     m.add_argument("--base", metavar="DIR", help="base model (default: the one recorded in the adapter)")
+    m.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype the base is loaded, merged and written in (default float32)")
     m.set_defaults(func=cmd_merge)
 
 
@@ -137,7 +142,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise CLIError(f"--base {base} is a preset of random weights, not a trained model: pass --base DIR, the "
                        f"checkpoint the adapter was trained on{trained_on}")
     has_tokenizer = (adapter / "tokenizer.json").is_file()  # the training run's (adapters saved before had none)
-    model = load_base(base, tokenizer_dir=str(adapter) if has_tokenizer else None)
+    model = load_base(base, tokenizer_dir=str(adapter) if has_tokenizer else None, dtype=args.dtype)
     attach_adapter(model.model, adapter, base)
     merge_lora(model.model)
     model.save_pretrained(args.out)

@@ -12,7 +12,8 @@ DEFAULT_MODEL = "tiny"
 
 # settings a resumed run must share with the run it continues
 RESUME_FIXED = ("data", "ext", "eval_data", "holdout_frac", "pack", "seq_len", "batch_size", "seed", "model",
-                "config_json", "tokenizer", "lora", "lora_alpha")
+                "config_json", "tokenizer", "lora", "lora_alpha", "dtype")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     lora: int = 0
     lora_alpha: float | None = None
     merge: bool = False
+    dtype: str = "float32"  # of the frozen base weights under LoRA (trained weights are always float32)
     resume: bool = False
     device: str | None = None
 
@@ -78,6 +80,12 @@ class TrainConfig:
             raise ConfigError(f"--infill-prob must be in [0, 1], got {self.infill_prob}")
         if self.infill_prob > 0 and self.diffusion_weight == 0:
             raise ConfigError("--infill-prob shapes the diffusion loss, which --diffusion-weight 0 turns off")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32" and not self.lora:
+            raise ConfigError(f"--dtype {self.dtype} needs --lora: it is the dtype of the frozen base weights; "
+                              "full training keeps every weight in float32 (AdamW's small updates would round "
+                              f"away in {self.dtype})")
         if self.merge and not self.lora:
             raise ConfigError("--merge needs --lora")
         if self.config_json is not None and self.model != DEFAULT_MODEL:

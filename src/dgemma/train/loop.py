@@ -166,9 +166,9 @@ def _jsonable(value: object) -> object:
 def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Distributed) -> DiffusionGemma:
     """The model to train: base weights (or a full checkpoint to resume), LoRA layers when asked."""
     if resume_from is not None and not cfg.lora:
-        model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer)
+        model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer, device=dist.device)
     else:
-        model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed)
+        model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed, cfg.dtype, dist.device)
     if cfg.seq_len > model.config.text_config.max_position_embeddings:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model context "
                           f"({model.config.text_config.max_position_embeddings})")

@@ -39,7 +39,17 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, base: str 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft.inject_adapter_in_model(config, model)  # also sets model.peft_config
+    _adapters_in_fp32(model)
     return config
+
+
+def _adapters_in_fp32(model: nn.Module) -> None:
+    """peft makes the adapters in their base layer's dtype; they train and merge in float32 whatever the frozen
+    base's (peft's own layers cast their input to the adapter's dtype and the result back)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.float()
 
 
 def save_adapter(model: nn.Module, directory: Path) -> None:
@@ -115,6 +125,7 @@ def attach_adapter(model: nn.Module, directory: Path, base: str | None = None) -
     peft = _peft()
     config = _adapter_config(directory)
     peft.inject_adapter_in_model(config, model)
+    _adapters_in_fp32(model)
     load_adapter(model, directory, base)
 
 
