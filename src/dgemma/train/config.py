@@ -51,6 +51,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     merge: bool = False
     dtype: str = "float32"  # of the frozen base weights under LoRA (trained weights are always float32)
+    grad_checkpoint: bool = False
     resume: bool = False
     device: str | None = None
 

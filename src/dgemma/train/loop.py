@@ -186,6 +186,7 @@ def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Di
         add_lora(model.model, cfg.lora, cfg.lora_alpha, str(base.resolve()), cfg.seed)
         if resume_from is not None:
             load_adapter(model.model, resume_from)
+    model.model.gradient_checkpointing = cfg.grad_checkpoint
     model.model.to(dist.device).train()
     return model
 
