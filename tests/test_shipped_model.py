@@ -44,6 +44,12 @@ def test_shipped_model_generates_text(model):
     out = model.generate(input_ids=[ids], max_new_tokens=32, seed=0)
     text = model.tokenizer.decode(out.sequences[0, len(ids):], skip_special_tokens=True)
     assert text.strip() and out.tokens_per_forward.item() > 1.0
+    # read as transformers' ModelOutput is: by key, by position over the fields set, unused fields None
+    assert out["sequences"] is out.sequences and out[0] is out.sequences and out[1] is out.tokens_per_forward
+    assert out.keys() == ["sequences", "tokens_per_forward", "stats"] and len(out.to_tuple()) == 3
+    assert out.scores is None and out.logits is None and out.past_key_values is None and "scores" not in out
+    with pytest.raises(KeyError):
+        out["scores"]
 
 
 # -- found by name ----------------------------------------------------------------------------------

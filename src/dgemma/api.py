@@ -33,9 +33,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GenerateOutput:
+    """What `generate` returns. Read like transformers' `ModelOutput`: by attribute, by key (`out["sequences"]`)
+    or by position over the fields that are set (`out[0]`, `out.to_tuple()`); `logits`, `scores`,
+    `hidden_states` and `past_key_values`, unused by diffusion generation, are None as in the reference."""
+
     sequences: torch.Tensor  # [B, prompt + generated], the prompt as given (padding included)
     tokens_per_forward: torch.Tensor  # [B] non-pad generated tokens / decoder passes
     stats: GenerationStats
+    past_key_values: None = None
+    logits: None = None
+    scores: None = None
+    hidden_states: None = None
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, key: str | int | slice):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
 def is_unit_initialised(name: str) -> bool:
@@ -282,10 +306,11 @@ class DiffusionGemma:
         if streamer is not None:
             streamer.end()
         generated = torch.tensor(result.tokens, dtype=torch.long)
-        sequences = torch.cat([ids.cpu(), generated], dim=1)
+        device = input_ids.device if isinstance(input_ids, torch.Tensor) else self.model.device  # the reference's
+        sequences = torch.cat([ids.cpu(), generated], dim=1).to(device)
         if not return_dict_in_generate:
             return sequences
-        return GenerateOutput(sequences, torch.tensor(result.stats.tokens_per_forward), result.stats)
+        return GenerateOutput(sequences, torch.tensor(result.stats.tokens_per_forward, device=device), result.stats)
 
     def generate_ar(self, input_ids, attention_mask=None, max_new_tokens: int = 256, temperature: float = 0.0,
                     seed: int | None = None, eos_token_id: list[int] | None = None) -> GenerateOutput:
