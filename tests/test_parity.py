@@ -242,3 +242,45 @@ def test_settings_objects_lengths_and_streamers_resolve_as_in_transformers(refer
         assert got.sequences.tolist() == expected.sequences.tolist()
     finally:
         ref.generation_config.max_new_tokens = saved
+
+
+def test_null_pad_token_id_generates_as_in_transformers(reference_checkpoint, tmp_path):
+    """text_config pad_token_id null and no pad id in generation_config.json: transformers then leaves the tokens
+    after a row's EOS as generated (and counts them all in tokens per forward); so does dgemma (it crashed)."""
+    import shutil
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    source, _ = reference_checkpoint("window", "confident")
+    path = tmp_path / "null-pad"
+    shutil.copytree(source, path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(config))
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    assert ref.generation_config.pad_token_id is None
+    assert dgemma.DiffusionGemma.from_pretrained(path).generation_config.pad_token_id is None
+    kept = 0
+    for seed in (5, 6):  # seed 6 writes EOS (token 1) at its 12th place, with tokens after it in that canvas
+        prompt = [2] + torch.randint(3, 512, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+        expected, got = _generate_pair(path, ref, prompt, seed, max_new_tokens=48, max_denoising_steps=10,
+                                       stability_threshold=0, eos_token_id=1)
+        assert got.sequences.tolist() == expected.sequences.tolist(), f"seed {seed}"
+        assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
+        new = got.sequences[0, len(prompt):].tolist()
+        kept += 1 in new and any(t != 0 for t in new[new.index(1) + 1:])
+    assert kept  # the case that differs from padding: tokens after an EOS, not pad
+    # a batch: a row that ends in its first canvas goes on with generated tokens, not pad, as in transformers
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.cat([torch.full((4, 1), 2), torch.randint(3, 512, (4, 4), generator=g)], dim=1)
+    ours = dgemma.DiffusionGemma.from_pretrained(path)
+    settings = dict(max_new_tokens=48, max_denoising_steps=10, stability_threshold=0, eos_token_id=1)
+    torch.manual_seed(1)
+    expected = ref.generate(prompts, **settings)
+    torch.manual_seed(1)
+    got = ours.generate(input_ids=prompts, **settings)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
+    new = got.sequences[:, prompts.shape[1]:]
+    ended = (new[:, :16] == 1).any(dim=1)  # 16: the canvas length
+    assert ended.any() and not ended.all() and (new[ended, 16:] != 0).any()

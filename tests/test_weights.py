@@ -215,3 +215,62 @@ def test_26b_parameter_count_matches_the_published_size():
 def test_parameter_count_equals_the_built_model():
     model = dgemma.DiffusionGemma.from_config(preset("tiny"))
     assert preset("tiny").parameter_counts()["total"] == sum(p.numel() for p in model.model.parameters())
+
+
+@pytest.mark.parametrize("copy,shape,first", [
+    ("lm_head.weight", (10, 64), "model.decoder.embed_tokens.weight"),
+    ("model.encoder.language_model.layers.0.mlp.up_proj.weight", (95, 64), "model.decoder.layers.0.mlp.up_proj.weight"),
+])
+def test_a_mis_shaped_copy_of_a_tied_tensor(saved, copy, shape, first):
+    """The first copy of a tied tensor is read; every other copy's shape is checked (its values are not read)."""
+    _, path = saved
+    rewrite(path, lambda t: {**t, copy: torch.zeros(shape)})
+    expected = list(load_file(path / "model.safetensors")[first].shape)
+    with pytest.raises(CheckpointError, match=re.escape(f"mis-shaped tensors: {copy}: checkpoint {list(shape)}, but "
+                                                        f"its tied copy {first} is {expected}")):
+        dgemma.DiffusionGemma.from_pretrained(path)
+
+
+def _sharded(model, tmp_path):
+    path = tmp_path / "sharded"
+    model.save_pretrained(path, max_shard_bytes=100_000)
+    return path, path / "model.safetensors.index.json"
+
+
+def _wrong_shard(index):
+    name = "model.decoder.layers.0.self_attn.q_proj.weight"
+    other = sorted(set(index["weight_map"].values()) - {index["weight_map"][name]})[0]
+    return {**index, "weight_map": {**index["weight_map"], name: other}}, f"{other}: has no tensor {name!r}, which " \
+                                                                          f"model.safetensors.index.json maps to " \
+                                                                          f"this shard"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda index: ([1, 2], "model.safetensors.index.json: not a safetensors index (expected a JSON object whose "
+                           "'weight_map' maps tensor names to shard file names)"),
+    lambda index: ({"weight_map": ["a"]}, "model.safetensors.index.json: not a safetensors index"),
+    lambda index: ({"weight_map": {"lm_head.weight": 3}}, "model.safetensors.index.json: not a safetensors index"),
+    _wrong_shard,
+])
+def test_malformed_index(saved, tmp_path, capsys, edit):
+    model, _ = saved
+    path, index_file = _sharded(model, tmp_path)
+    index, message = edit(json.loads(index_file.read_text()))
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        dgemma.DiffusionGemma.from_pretrained(path)
+    assert dgemma.cli.main(["generate", "hi", "--model", str(path), "--max-new-tokens", "8", "--steps", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err
+
+
+def test_max_length_survives_save_and_load(saved, tmp_path):
+    """Every generation setting dgemma reads is written back, in a file transformers still reads."""
+    hf = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")
+    model, _ = saved
+    model.generation_config = model.generation_config.updated(max_length=40, max_denoising_steps=4)
+    model.save_pretrained(tmp_path / "again")
+    again = dgemma.DiffusionGemma.from_pretrained(tmp_path / "again")
+    assert again.generation_config == model.generation_config
+    assert again.generation_config.max_length == 40
+    assert hf.DiffusionGemmaGenerationConfig.from_pretrained(tmp_path / "again").max_length == 40

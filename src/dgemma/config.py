@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+ROPE_TYPES = ("default", "proportional")  # the two the model uses (sliding, full); others are refused, not approximated
+ACTIVATION = "gelu_pytorch_tanh"  # tanh-approximated GELU, the only activation the model uses
+BIDIRECTIONAL = (None, "vision")  # the same on text (dgemma runs no vision tower); "all" is refused
 
 
 def _default_rope_parameters() -> dict[str, dict[str, Any]]:
@@ -45,9 +48,9 @@ class TextConfig:
     hidden_activation: str = "gelu_pytorch_tanh"
     max_position_embeddings: int = 262_144
     rms_norm_eps: float = 1e-6
-    pad_token_id: int = 0
-    eos_token_id: int | list[int] = 1
-    bos_token_id: int = 2
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1  # None: no EOS
+    bos_token_id: int | None = 2
     tie_word_embeddings: bool = True
     rope_parameters: dict[str, dict[str, Any]] = field(default_factory=_default_rope_parameters)
     sliding_window: int = 1024
@@ -71,6 +74,8 @@ class TextConfig:
     def validate(self) -> None:
         for name in _TEXT_SIZES:
             value = getattr(self, name)
+            if value is None:  # transformers' default for the MoE sizes: it cannot build that model either
+                raise ConfigError(f"text_config.{name} is missing or null: it must be an integer >= 1")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"text_config.{name} must be an integer >= 1, got {value!r}")
         if len(self.layer_types) != self.num_hidden_layers:
@@ -80,9 +85,20 @@ class TextConfig:
         unknown = set(self.layer_types) - {SLIDING, FULL}
         if unknown:
             raise ConfigError(f"unknown layer types {sorted(unknown)}; expected {SLIDING!r} or {FULL!r}")
-        for layer_type in set(self.layer_types):
-            if layer_type not in self.rope_parameters:
-                raise ConfigError(f"rope_parameters has no entry for {layer_type!r}")
+        if not isinstance(self.rope_parameters, dict):
+            raise ConfigError(f"text_config.rope_parameters must be a JSON object, got "
+                              f"{type(self.rope_parameters).__name__}")
+        for layer_type in sorted(set(self.layer_types)):
+            params = self.rope_parameters.get(layer_type)
+            if params is None:
+                raise ConfigError(f"text_config.rope_parameters has no entry for {layer_type!r}")
+            if not isinstance(params, dict):
+                raise ConfigError(f"text_config.rope_parameters[{layer_type!r}] must be a JSON object, got "
+                                  f"{type(params).__name__}")
+            rope_type = params.get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ConfigError(f"text_config.rope_parameters[{layer_type!r}]: rope_type {rope_type!r} is not "
+                                  f"supported (dgemma implements {' and '.join(map(repr, ROPE_TYPES))})")
         if self.num_experts < 1 or not 1 <= self.top_k_experts <= self.num_experts:
             raise ConfigError(f"need 1 <= top_k_experts ({self.top_k_experts}) <= num_experts ({self.num_experts})")
         for i in range(self.num_hidden_layers):
@@ -91,8 +107,12 @@ class TextConfig:
                 raise ConfigError(f"layer {i}: {self.num_attention_heads} query heads not divisible by {kv} KV heads")
         if self.attention_bias:
             raise ConfigError("attention_bias=True is not part of the DiffusionGemma architecture")
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu"):
-            raise ConfigError(f"unsupported hidden_activation {self.hidden_activation!r}")
+        if self.hidden_activation != ACTIVATION:
+            raise ConfigError(f"text_config.hidden_activation {self.hidden_activation!r} is not supported "
+                              f"(dgemma implements {ACTIVATION!r})")
+        if self.use_bidirectional_attention not in BIDIRECTIONAL:
+            raise ConfigError(f"text_config.use_bidirectional_attention {self.use_bidirectional_attention!r} is not "
+                              f"supported (dgemma implements 'vision' and null: a causal encoder over text)")
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -107,6 +127,9 @@ class TextConfig:
 
     @property
     def eos_token_ids(self) -> list[int]:
+        """The EOS ids as a list; [] for None (no EOS)."""
+        if self.eos_token_id is None:
+            return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -124,25 +147,36 @@ class TextConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "TextConfig":
+        """Reads a `text_config` as transformers does: an absent field takes DiffusionGemmaTextConfig's default (not
+        this class's, the 26B model's), and `per_layer_config` (the full layers' overrides) wins over the Gemma 4
+        style `global_head_dim` / `num_global_key_value_heads`."""
         d = dict(d)
         mt = d.pop("model_type", "diffusion_gemma_text")
         if mt != "diffusion_gemma_text":
             raise ConfigError(f"text_config.model_type is {mt!r}, expected 'diffusion_gemma_text'")
-        per_layer = d.pop("per_layer_config", None) or {}
-        kwargs = {k: v for k, v in d.items() if k in _TEXT_FIELDS}
-        if "layer_types" in kwargs and "num_hidden_layers" not in kwargs:
-            kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
-        for override in per_layer.values():  # every full layer carries the same override
-            if "head_dim" in override:
-                kwargs["global_head_dim"] = override["head_dim"]
+        per_layer = d.pop("per_layer_config", None)
+        kwargs = {**_HF_TEXT_DEFAULTS, **{k: v for k, v in d.items() if k in _TEXT_FIELDS}}
+        if "layer_types" in d and "num_hidden_layers" not in d and isinstance(d["layer_types"], list):
+            kwargs["num_hidden_layers"] = len(d["layer_types"])
+        if per_layer is not None:
+            override = _full_layer_override(per_layer)
+            # transformers leaves out an override equal to the global value: those full layers take the global one
+            kwargs["global_head_dim"] = override.get("head_dim", kwargs["head_dim"])
             kwargs["num_global_key_value_heads"] = override.get("num_key_value_heads")
-        kwargs.setdefault("num_global_key_value_heads", None)
         if kwargs.get("rope_parameters") is None:
-            kwargs.pop("rope_parameters", None)
+            kwargs.pop("rope_parameters")
         try:
-            return cls(**kwargs)
+            config = cls(**kwargs)
         except TypeError as e:
             raise ConfigError(f"bad text_config: {e}") from e
+        layers = {_layer_index(k) for k, v in (per_layer or {}).items() if v}
+        if layers:
+            full = {i for i in range(config.num_hidden_layers) if not config.is_sliding(i)}
+            if layers != full:
+                raise ConfigError(f"text_config.per_layer_config overrides layers {sorted(layers)}, but the "
+                                  f"full-attention layers are {sorted(full)}: dgemma supports one override shared "
+                                  f"by every full-attention layer")
+        return config
 
 
 _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
@@ -150,6 +184,41 @@ _TEXT_FIELDS = {f.name for f in dataclasses.fields(TextConfig)}
 _TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "global_head_dim", "max_position_embeddings", "sliding_window",
                "num_experts", "top_k_experts", "moe_intermediate_size")
+# transformers 5.23's DiffusionGemmaTextConfig defaults: what a field absent from config.json means (the MoE sizes
+# default to None there, which builds no model: refused by validate). global_head_dim / num_global_key_value_heads
+# apply only without a per_layer_config, as there.
+_HF_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=262_144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, global_head_dim=512, num_global_key_value_heads=None,
+    hidden_activation=ACTIVATION, max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0,
+    eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, rope_parameters=None, sliding_window=512,
+    layer_types=None, final_logit_softcapping=30.0, num_experts=None, top_k_experts=None, moe_intermediate_size=None,
+    use_bidirectional_attention=None, attention_bias=False, initializer_range=0.02)
+assert set(_HF_TEXT_DEFAULTS) == _TEXT_FIELDS
+_PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
+
+
+def _layer_index(key: Any) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise ConfigError(f"text_config.per_layer_config key {key!r} is not a layer index") from None
+
+
+def _full_layer_override(per_layer: Any) -> dict[str, Any]:
+    """The one override `per_layer_config` gives the full-attention layers ({} when it gives none)."""
+    if not isinstance(per_layer, dict) or not all(isinstance(v, dict) for v in per_layer.values()):
+        raise ConfigError("text_config.per_layer_config must be a JSON object of layer index -> object of overrides")
+    overrides = [v for v in per_layer.values() if v]
+    for override in overrides:
+        unknown = sorted(set(override) - set(_PER_LAYER_KEYS))
+        if unknown:
+            raise ConfigError(f"text_config.per_layer_config overrides {unknown}: dgemma supports per-layer "
+                              f"{' and '.join(_PER_LAYER_KEYS)} only")
+        if override != overrides[0]:
+            raise ConfigError(f"text_config.per_layer_config gives layers different overrides ({overrides[0]} and "
+                              f"{override}): dgemma supports one override shared by every full-attention layer")
+    return overrides[0] if overrides else {}
 
 
 @dataclass
@@ -195,7 +264,9 @@ class DiffusionGemmaConfig:
         if mt != "diffusion_gemma":
             raise ConfigError(f"config model_type is {mt!r}: not a DiffusionGemma checkpoint (expected 'diffusion_gemma')")
         text_config = d.get("text_config")
-        text_config = {} if text_config is None else text_config  # absent: the defaults, as in transformers
+        # absent: transformers' DiffusionGemmaTextConfig defaults (TextConfig.from_hf_dict), which build no model
+        # (no MoE sizes): refused there with the missing field named
+        text_config = {} if text_config is None else text_config
         if not isinstance(text_config, dict):
             raise ConfigError(f"text_config must be a JSON object, got {type(text_config).__name__}")
         text = TextConfig.from_hf_dict(text_config)
@@ -319,7 +390,9 @@ class GenerationConfig:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
+        """Every setting `from_hf_dict` reads back, except `do_sample` (dgemma's own: transformers'
+        DiffusionGemmaGenerationConfig refuses a file that has it)."""
+        d = {
             "max_new_tokens": self.max_new_tokens,
             "max_denoising_steps": self.max_denoising_steps,
             "sampler_config": {"entropy_bound": self.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
@@ -332,6 +405,9 @@ class GenerationConfig:
             "bos_token_id": self.bos_token_id,
             "return_dict_in_generate": True,
         }
+        if self.max_length is not None:
+            d["max_length"] = self.max_length
+        return d
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
@@ -366,8 +442,8 @@ class GenerationConfig:
         gen = cls.for_model(model_config, **settings)
         try:
             gen.validate()
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
+        except ConfigError as e:  # without generation_config.json, the token ids came from config.json
+            raise ConfigError(f"{path if path.is_file() else Path(directory, 'config.json')}: {e}") from e
         return gen
 
     @classmethod

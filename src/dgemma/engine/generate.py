@@ -130,12 +130,14 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.T
     return tokens, valid
 
 
-def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int, fixed: torch.Tensor | None = None
+def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int | None, fixed: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens after a row's first EOS become pad, except `fixed` [B, C] positions (given tokens are always
-    committed: an infilling suffix stays when the model ends its text in the hole); returns (tokens, row has
-    EOS)."""
+    """Tokens after a row's first EOS become pad (stay as they are with no pad id), except `fixed` [B, C]
+    positions (given tokens are always committed: an infilling suffix stays when the model ends its text in the
+    hole); returns (tokens, row has EOS)."""
     is_eos = torch.isin(tokens, eos)
+    if pad is None:
+        return tokens, is_eos.any(dim=-1)
     seen = is_eos.cumsum(dim=-1)
     after = (seen > 0) & ~((seen == 1) & is_eos)
     if fixed is not None:
@@ -170,6 +172,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     b = len(prompts)
     rng = CanvasRNG(generators)
     eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
+    # no pad id anywhere (pad_token_id null): as in transformers, tokens after a row's EOS stay as generated
     pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
     max_len = max(len(p) for p in prompts) + (n_canvases - 1) * c
     if static is not None:
@@ -177,7 +180,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     else:
         cache = KVCache(model.text, b, max_len, c, model.dtype, device)
         denoise = partial(model.denoise, context=cache)
-    pending, valid = _right_pad(prompts, pad, device)
+    pending, valid = _right_pad(prompts, 0 if pad is None else pad, device)  # the filler is masked out
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     total_passes = torch.zeros(b, dtype=torch.long, device=device)
     stats = GenerationStats(passes_per_canvas=[[] for _ in range(b)])
@@ -223,7 +226,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
                     break
 
             draft = state.draft
-            tokens = draft.masked_fill(finished[:, None], pad)
+            tokens = draft.clone() if pad is None else draft.masked_fill(finished[:, None], pad)
             tokens, has_eos = _pad_after_eos(tokens, eos, pad, fixed)
             finished |= has_eos
             total_passes += passes
@@ -238,7 +241,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             pending, valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
 
         out = torch.cat(committed, dim=1)
-        stats.new_tokens = (out != pad).sum(dim=1).tolist()
+        stats.new_tokens = (out != pad).sum(dim=1).tolist() if pad is not None else [out.shape[1]] * b
         stats.decoder_passes = total_passes.tolist()
         stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
         stats.wall_time_s = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
+from ..config import ROPE_TYPES, ConfigError, TextConfig
 
 
 _CONSTANTS: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -128,11 +128,15 @@ def shared_norms(x: torch.Tensor, *norms: RMSNorm) -> tuple[torch.Tensor, ...] |
 
 
 def rope_inv_freq(config: TextConfig, layer_type: str, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies of length head_dim/2. Proportional RoPE zero-pads the non-rotated part."""
+    """Inverse frequencies of length head_dim/2. Proportional RoPE zero-pads the non-rotated part. Only the
+    `default` and `proportional` types (TextConfig.validate refuses the others: never run as plain RoPE)."""
     params = config.rope_parameters[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"rope_parameters[{layer_type!r}]: rope_type {rope_type!r} is not supported")
     base = params["rope_theta"]
     factor = params.get("partial_rotary_factor", 1.0)
-    if params.get("rope_type", "default") == "proportional":
+    if rope_type == "proportional":
         angles = int(factor * head_dim // 2)
         rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
         inv = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])

@@ -1,9 +1,10 @@
 """Checkpoint I/O in the Hugging Face layout (safetensors, single file or sharded with an index).
 
 HF names are converted at load time. The encoder and decoder share their weights, so a checkpoint may
-store a tied tensor under the encoder name, the decoder name, or both; the first one found is read and
-the others are skipped unread. The model is built on the meta device and each tensor is placed as it is
-read, so peak memory is about one copy of the weights.
+store a tied tensor under the encoder name, the decoder name, or both (and the embedding as `lm_head.weight`
+too); the first one found is read, and of the others only the shape is checked (safetensors header): their
+values are not read, so not compared (reading them would double a large checkpoint's load time). The model is
+built on the meta device and each tensor is placed as it is read, so peak memory is about one copy of the weights.
 """
 
 from __future__ import annotations
@@ -62,9 +63,13 @@ class _Reader:
         index = directory / INDEX
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                data = json.loads(index.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: not a safetensors index (expected a JSON object whose 'weight_map' "
+                                      f"maps tensor names to shard file names)")
             self.where = {name: directory / file for name, file in weight_map.items()}
         elif (directory / SINGLE).is_file():
             self.where = {}
@@ -73,10 +78,12 @@ class _Reader:
         else:
             raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX}")
         self._files: dict[Path, object] = {}
+        self._keys: dict[Path, set[str]] = {}
 
     def _open(self, path: Path):
         if not path.is_file():
-            raise CheckpointError(f"{path}: shard listed in the index is missing")
+            raise CheckpointError(f"{path}: shard listed in the index is " + ("not a file" if path.exists() else
+                                                                                "missing"))
         try:
             return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
@@ -86,6 +93,9 @@ class _Reader:
         path = self.where[name]
         if path not in self._files:
             self._files[path] = self._open(path)
+            self._keys[path] = set(self._files[path].keys())
+        if name not in self._keys[path]:
+            raise CheckpointError(f"{path}: has no tensor {name!r}, which {INDEX} maps to this shard")
         return self._files[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -114,10 +124,16 @@ def load_weights(directory: str | Path, config: DiffusionGemmaConfig, dtype: tor
             missing.append(hf_sources(name)[0])
             continue
         shape = reader.shape(sources[0])
+        # the other copies of a tied tensor: their shapes only (their values are not read)
+        for copy in sources[1:]:
+            if reader.shape(copy) != shape:
+                mismatched.append(f"{copy}: checkpoint {list(reader.shape(copy))}, but its tied copy {sources[0]} is "
+                                  f"{list(shape)}")
         if shape != tuple(meta.shape):
             mismatched.append(f"{sources[0]}: checkpoint {list(shape)}, model expects {list(meta.shape)}")
             continue
-        _place(model, name, reader.get(sources[0]).to(device=device, dtype=dtype))
+        if not (missing or mismatched):  # once the load fails, only the rest of its problems are looked for
+            _place(model, name, reader.get(sources[0]).to(device=device, dtype=dtype))
     extras = [n for n in reader.where if n.startswith(EXTRA_PREFIXES)]
     unexpected = sorted(set(reader.where) - used - set(extras))
     problems = []
