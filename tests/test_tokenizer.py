@@ -137,6 +137,11 @@ def test_chat_template_rejects_unsupported(tok: Tokenizer) -> None:
         tok.apply_chat_template([{"role": "user", "content": "Hi"}], tools=[{"type": "function"}])
 
 
+def test_chat_template_rejects_an_empty_conversation(tok: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="empty conversation"):
+        tok.apply_chat_template([])
+
+
 def test_chat_template_sources(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
     config = {"chat_template": "cfg:{{ messages[0]['content'] }}", "bos_token": {"content": "<bos>"}}
@@ -217,3 +222,13 @@ def test_split_reasoning() -> None:
     assert split_reasoning("<|channel>thought\nStill thinking") == ("Still thinking", "")
     assert split_reasoning("Opened by the prompt.<channel|>Answer") == ("Opened by the prompt.", "Answer")
     assert split_reasoning("<|channel>thought\nA<channel|>x <|channel>thought\nB<channel|>y") == ("A\nB", "x y")
+
+
+def test_split_reasoning_while_streaming() -> None:
+    """`final=False`: text that may still grow; a block's reasoning waits until its `thought` label is known."""
+    for partial in ("", "thou", "thought", "thought\n"):
+        assert split_reasoning(f"A<|channel>thought\nx<channel|>B<|channel>{partial}", final=False) == ("x", "AB")
+        assert split_reasoning(partial, opened=True, final=False) == ("", "")
+    assert split_reasoning("<|channel>thou", final=True) == ("thou", "")
+    assert split_reasoning("<|channel>thought<channel|>", final=False) == ("thought", "")  # closed: no label
+    assert split_reasoning("<|channel>thoughts", final=False) == ("thoughts", "")

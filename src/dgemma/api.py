@@ -216,10 +216,10 @@ class DiffusionGemma:
         self.save_tokenizer(path)
 
     def save_tokenizer(self, path: str | Path) -> None:
-        """`tokenizer.json` and `chat_template.jinja` (nothing without a tokenizer)."""
+        """`tokenizer.json`, `chat_template.jinja` and, where the directory has none, the `tokenizer_config.json`
+        transformers needs to load the tokenizer unchanged (`Tokenizer.save`; nothing without a tokenizer)."""
         if self.tokenizer is not None:
-            self.tokenizer.backend.save(str(Path(path) / "tokenizer.json"))
-            (Path(path) / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+            self.tokenizer.save(path)
 
     # -- generation ------------------------------------------------------------------------------
     def _generation_config(self, generation_config, prompt_len: int, kwargs: dict) -> GenerationConfig:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
@@ -47,7 +47,7 @@ from tokenizers import Tokenizer as _Backend
 from .config import ConfigError
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
-TURN_END = "<turn|>"
+TURN_START, TURN_END = "<|turn>", "<turn|>"
 CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
 THOUGHT_LABEL = "thought\n"  # follows CHANNEL_START when the channel holds reasoning
 
@@ -140,6 +140,28 @@ class Tokenizer:
             pad_token=_token_name(config.get("pad_token"), PAD),
         )
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write `tokenizer.json` and `chat_template.jinja` to a model directory, and a `tokenizer_config.json`
+        where it has none (a checkpoint's own is kept): see `transformers_config`."""
+        model_dir = Path(path)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(model_dir / "tokenizer.json"))
+        (model_dir / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        config_file = model_dir / "tokenizer_config.json"
+        if not config_file.exists():
+            config_file.write_text(json.dumps(self.transformers_config(), indent=2) + "\n", encoding="utf-8")
+
+    def transformers_config(self) -> dict[str, str]:
+        """The `tokenizer_config.json` that makes transformers' AutoTokenizer load this tokenizer unchanged: its
+        generic fast class (without it a dgemma directory gets GemmaTokenizer, which replaces the normalizer and
+        pre-tokenizer, so the ids differ) and the special tokens (the chat template renders `bos_token`)."""
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "pad_token": self.pad_token}
+        unk = getattr(self._backend.model, "unk_token", None)
+        if unk and self._backend.token_to_id(unk) is not None:
+            config["unk_token"] = unk
+        return config
+
     def _require_id(self, token: str) -> int:
         token_id = self._backend.token_to_id(token)
         if token_id is None:
@@ -208,8 +230,10 @@ class Tokenizer:
 
         The rendered prompt already starts with `<bos>`, so it is tokenized without adding another.
         Extra keyword arguments (e.g. `tools`) are passed to the template. Raises `jinja2.TemplateError`
-        for conversations the template rejects.
+        for conversations the template rejects, ValueError for an empty one.
         """
+        if not messages:
+            raise ValueError("cannot apply the chat template to an empty conversation: pass at least one message")
         text = self._template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
@@ -232,14 +256,15 @@ def is_valid_text(text: str) -> bool:
     return True
 
 
-def split_reasoning(text: str, opened: bool | None = None) -> tuple[str, str]:
+def split_reasoning(text: str, opened: bool | None = None, *, final: bool = True) -> tuple[str, str]:
     """Split generated text into (reasoning, content).
 
     Reasoning is the text inside `<|channel>thought\\n ... <channel|>` blocks (joined by newlines; an unclosed
     block from a truncated generation runs to the end). `opened`: whether the prompt left a channel open, so
     that the text starts inside it; None guesses so when the first marker is a `<channel|>` (text before it
     then counts as reasoning). Content is everything else. Both are stripped. Decode with special tokens kept,
-    or the markers are gone.
+    or the markers are gone. `final=False`: the text may still grow (streaming), so an unclosed block that is
+    still no more than a start of its `thought\\n` label counts as empty until the label is known.
     """
     parts = _CHANNEL_MARKERS.split(text)  # text, marker, text, marker, ..., text
     in_channel = (len(parts) > 1 and parts[1] == CHANNEL_END) if opened is None else opened
@@ -248,11 +273,24 @@ def split_reasoning(text: str, opened: bool | None = None) -> tuple[str, str]:
     for i, part in enumerate(parts):
         if i % 2:
             in_channel = part == CHANNEL_START
+        elif in_channel and not final and i == len(parts) - 1 and THOUGHT_LABEL.startswith(part):
+            continue  # the block's label may still be arriving: nothing of it is known to be reasoning yet
         elif in_channel:
             reasoning.append(part.removeprefix(THOUGHT_LABEL).strip())
         else:
             content.append(part)
     return "\n".join(r for r in reasoning if r), "".join(content).strip()
+
+
+def settled_length(ids: Sequence[int], byte_ids: Container[int], skipped: Container[int] = (), start: int = 0) -> int:
+    """How many leading `ids` decode to text that no later id changes: all but a trailing run of byte-fallback
+    tokens (decoded as one unit: one bad byte turns the whole run into U+FFFD). `skipped` ids (special tokens
+    that decode drops) count as part of the run, since the byte runs on either side of them merge. Ids before
+    `start` are settled already. The rule `IncrementalDetokenizer` and the server's streaming share."""
+    end = len(ids)
+    while end > start and (ids[end - 1] in byte_ids or ids[end - 1] in skipped):
+        end -= 1
+    return end
 
 
 class IncrementalDetokenizer:
@@ -282,9 +320,7 @@ class IncrementalDetokenizer:
     def add(self, ids: Iterable[int]) -> str:
         """Feed new token ids; return the text they complete (possibly "")."""
         self._ids.extend(i for i in map(int, ids) if i not in self._skipped_ids)
-        end = len(self._ids)
-        while end > self._read and self._ids[end - 1] in self._byte_ids:
-            end -= 1
+        end = settled_length(self._ids, self._byte_ids, start=self._read)
         if end == self._read:
             return ""
         prefix = self._text(self._ids[: self._read])

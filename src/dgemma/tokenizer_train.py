@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
 
 from .config import ConfigError
 from .tokenizer import GEMMA4_SPECIAL_IDS, Tokenizer
-from .train.data import Record, read_records
+from .train.data import DataError, Record, find_files, read_records
 
 RESERVED = 512  # control/unused ids plus the 256 byte tokens
 MAX_VOCAB = 1 << 20  # 4x Gemma 4's 262,144; the BPE trainer reserves memory for the whole size up front
@@ -72,20 +72,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def record_texts(records: Iterable[Record]) -> Iterator[str]:
-    """The text of every record: prompt (or chat messages) and target."""
+    """The text of every record: prompt (or chat messages) and target. Raises DataError naming the record's file
+    and line for text the tokenizer cannot take (a lone surrogate, from a JSON `\\ud800` escape)."""
     for r in records:
         if isinstance(r.prompt, list):
-            yield from (m["content"] for m in r.prompt)
-        elif r.prompt:
-            yield r.prompt
-        yield r.target
+            texts = [m["content"] for m in r.prompt]
+        else:
+            texts = [r.prompt] if r.prompt else []
+        for text in (*texts, r.target):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{r.source}: text is not valid Unicode: {e.reason} at character {e.start}") from None
+            yield text
+
+
+def read_texts(paths: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[str]:
+    """`record_texts` of the records of each path in turn, so that a read error the OS reports without a file name
+    (an I/O error) names the path it came from."""
+    for path in paths:
+        try:
+            yield from record_texts(read_records([path], extensions))
+        except OSError as e:
+            if e.filename is None:
+                e.filename = path
+            raise
 
 
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
-    """`tokenizer.json` and `chat_template.jinja`, as a model directory holds them."""
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.save(str(out / "tokenizer.json"))
-    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    """`tokenizer.json`, `chat_template.jinja` and (where `out` has none) `tokenizer_config.json`, as a model
+    directory holds them."""
+    tokenizer.save(out)
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -97,7 +114,8 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     actions = t.add_subparsers(dest="tokenizer_command", metavar="ACTION")
     actions.required = True
     tr = actions.add_parser("train", help="train a BPE tokenizer on text files, folders or JSONL",
-                            description="Train a BPE tokenizer and write tokenizer.json and chat_template.jinja.")
+                            description="Train a BPE tokenizer and write tokenizer.json, chat_template.jinja and "
+                                        "tokenizer_config.json (for transformers' AutoTokenizer).")
     tr.add_argument("--data", action="extend", nargs="+", required=True, metavar="PATH",
                     help="text files, folders (read recursively) or JSONL files (a shell glob works; repeatable)")
     tr.add_argument("--ext", action="append", metavar="EXT", help="only files ending in EXT when walking folders")
@@ -108,8 +126,23 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=cmd_tokenizer_train)
 
 
+def _output_dir(out: str) -> Path:
+    """--out, checked before training: a directory, or a path where one can be made."""
+    from .cli import CLIError
+
+    if not out:
+        raise CLIError("--out is empty; name the directory to write the tokenizer to")
+    path = Path(out)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CLIError(f"--out {out}: {existing} exists and is not a directory")
+    return path
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    tokenizer = train_tokenizer(record_texts(read_records(args.data, args.ext)), args.vocab_size, args.min_frequency)
-    save_tokenizer(tokenizer, Path(args.out))
+    out = _output_dir(args.out)
+    find_files(args.data, args.ext)  # a missing path fails now, not after the files before it are read
+    tokenizer = train_tokenizer(read_texts(args.data, args.ext), args.vocab_size, args.min_frequency)
+    save_tokenizer(tokenizer, out)
     print(f"{args.out}: {tokenizer.vocab_size} tokens")
     return 0

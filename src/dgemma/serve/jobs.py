@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..api import DiffusionGemma
 from ..config import ConfigError, GenerationConfig
 from ..engine.scheduler import Request
-from ..tokenizer import CHANNEL_END, CHANNEL_START, FILL_TOKEN
+from ..tokenizer import CHANNEL_END, CHANNEL_START, FILL_TOKEN, TURN_START
 from .errors import APIError
 from .infill import hole_size, infill_canvas
 from .protocol import ChatRequest, CompletionRequest, SamplingRequest
@@ -64,6 +64,7 @@ class JobBuilder:
         fill = self.tokenizer.token_to_id(FILL_TOKEN)
         self.filler_ids = frozenset() if fill is None else frozenset({fill})
         self.channel_ids = (self.tokenizer.token_to_id(CHANNEL_START), self.tokenizer.token_to_id(CHANNEL_END))
+        self.turn_id = self.tokenizer.token_to_id(TURN_START)
 
     def completion(self, body: CompletionRequest) -> Job:
         prompt = self._encode(body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
@@ -96,9 +97,15 @@ class JobBuilder:
         except Exception as e:  # the template renders user input: whatever it rejects is a bad request
             raise APIError(400, f"chat template: {e}", param="messages") from e
         job = self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens)
-        markers = [t for t in prompt if t in self.channel_ids]
-        job.channel_open = bool(markers) and markers[-1] == self.channel_ids[0]
+        job.channel_open = self._channel_open(prompt)
         return job
+
+    def _channel_open(self, prompt: list[int]) -> bool:
+        """Whether the generation prompt (after the last `<|turn>`, the model's turn) leaves a thought channel
+        open. Markers earlier in the prompt are the messages' (a user may write `<|channel>`): they open nothing."""
+        turn = max((i for i, t in enumerate(prompt) if t == self.turn_id), default=-1)
+        markers = [t for t in prompt[turn + 1:] if t in self.channel_ids]
+        return bool(markers) and markers[-1] == self.channel_ids[0]
 
     # -- shared ------------------------------------------------------------------------------------
     def _encode(self, text: str, param: str, add_bos: bool = True) -> list[int]:

@@ -1,16 +1,21 @@
 """From committed canvases to a choice's text: stop tokens, stop strings, reasoning, streaming deltas.
 
 Streaming sends only text that later tokens cannot change, so the deltas add up to the final text exactly:
-the decoding of the tokens up to the last one that is not a byte-fallback token (a run of byte tokens is
-decoded as a unit, and one bad byte turns the whole run into U+FFFD), less a tail that could still grow
-into a stop string, and no reasoning while the `thought` label of a thought channel may still be arriving.
+the decoding of the tokens up to the last one that is neither a byte-fallback token nor a special token that
+decoding drops (a run of byte tokens is decoded as a unit, also across dropped tokens, and one bad byte turns
+the whole run into U+FFFD: `settled_length`, the rule `IncrementalDetokenizer` follows), less a tail that could
+still grow into a stop string, and no reasoning of a block while its `thought` label may still be arriving.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from bisect import bisect_left
 
-from ..tokenizer import CHANNEL_END, CHANNEL_START, THOUGHT_LABEL, Tokenizer, split_reasoning
+from ..tokenizer import CHANNEL_END, CHANNEL_START, Tokenizer, settled_length, split_reasoning
+
+log = logging.getLogger(__name__)
 
 
 class TextDecoder:
@@ -18,10 +23,12 @@ class TextDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        specials = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        specials = frozenset(i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
         markers = {tokenizer.token_to_id(CHANNEL_START), tokenizer.token_to_id(CHANNEL_END)}
-        self._drop = specials - markers  # kept: the channel markers that delimit reasoning
-        self._byte_ids = {i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None}
+        # dropped before decoding: every special token for a completion; in chat all but the channel markers,
+        # which delimit reasoning
+        self._drop = {False: specials, True: specials - markers}
+        self._byte_ids = frozenset(i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None)
         self._pieces: dict[int, str] = {}
 
     def piece(self, token: int) -> str:
@@ -30,20 +37,24 @@ class TextDecoder:
             self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return self._pieces[token]
 
+    def _text(self, tokens: list[int], reasoning: bool) -> str:
+        drop = self._drop[reasoning]
+        return self.tokenizer.decode([t for t in tokens if t not in drop])
+
     def decode(self, tokens: list[int], reasoning: bool, opened: bool = False) -> tuple[str, str]:
         """Completions: ("", text without special tokens). Chat: the thought channel split off as reasoning;
         `opened`: the prompt left the channel open (known from the prompt, so text already streamed as content
         is never taken back as reasoning by a later marker)."""
-        if not reasoning:
-            return "", self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return split_reasoning(self.tokenizer.decode([t for t in tokens if t not in self._drop]), opened)
+        text = self._text(tokens, reasoning)
+        return split_reasoning(text, opened) if reasoning else ("", text)
 
-    def stable_length(self, tokens: list[int]) -> int:
-        """How many leading tokens decode to text that no later token changes: up to the last non-byte token."""
-        end = len(tokens)
-        while end and tokens[end - 1] in self._byte_ids:
-            end -= 1
-        return end
+    def settled(self, tokens: list[int], reasoning: bool, opened: bool = False) -> tuple[str, str]:
+        """`decode` of the part of the text that no later token changes (what may be streamed): the tokens up to
+        `settled_length`, less a trailing U+FFFD (a character still incomplete, as `IncrementalDetokenizer` holds
+        it), and without the reasoning of a block whose label may still be arriving."""
+        end = settled_length(tokens, self._byte_ids, self._drop[reasoning])
+        text = self._text(tokens[:end], reasoning).rstrip("\ufffd")
+        return split_reasoning(text, opened, final=False) if reasoning else ("", text)
 
 
 class ChoiceOutput:
@@ -107,16 +118,28 @@ class ChoiceOutput:
         return reasoning, content[:self._stop_string_at(content)]
 
     def delta(self) -> tuple[str, str]:
-        """What the text adds to what was sent before; until the choice finishes, only its stable part."""
+        """What the text adds to what was sent before; until the choice finishes, only its settled part."""
         if self.finished:
             reasoning, content = self.text()
         else:
-            stable = self.tokens[:self.decoder.stable_length(self.tokens)]
-            reasoning, content = self.decoder.decode(stable, self.reasoning, self.opened)
+            reasoning, content = self.decoder.settled(self.tokens, self.reasoning, self.opened)
             hold = max((len(s) - 1 for s in self.stop_strings), default=0)
             content = content[:max(len(content) - hold, 0)]
-            reasoning = "" if THOUGHT_LABEL.startswith(reasoning) else reasoning
-        sent = [new if new.startswith(old) else old for new, old in zip((reasoning, content), self._sent)]
-        deltas = (sent[0][len(self._sent[0]):], sent[1][len(self._sent[1]):])
-        self._sent = (sent[0], sent[1])
-        return deltas
+        (r_delta, r_sent), (c_delta, c_sent) = (self._extend(self._sent[0], reasoning, "reasoning"),
+                                                self._extend(self._sent[1], content, "content"))
+        self._sent = (r_sent, c_sent)
+        return r_delta, c_delta
+
+    @staticmethod
+    def _extend(sent: str, text: str, part: str) -> tuple[str, str]:
+        """(what `text` adds to `sent`, the text sent from now on). Settled text only grows, so `text` starts with
+        `sent`; a `text` that is a prefix of `sent` adds nothing yet. Should the two differ, the stream goes on
+        from where they part (it never stalls), and the mismatch is logged."""
+        if text.startswith(sent):
+            return text[len(sent):], text
+        if sent.startswith(text):
+            return "", sent
+        common = len(os.path.commonprefix([sent, text]))
+        log.warning("streamed %s no longer matches the decoded text after %d characters (sent %r, now %r)",
+                    part, common, sent[common:common + 40], text[common:common + 40])
+        return text[common:], text
