@@ -182,6 +182,6 @@ def test_null_eos_in_config_json_means_no_eos(tmp_path):
     assert loaded.generation_config.eos_token_id == []
     d["text_config"]["pad_token_id"] = -1
     (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: pad_token_id must be an integer "
-                                                    f">= 0, got -1")):
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: text_config.pad_token_id must be "
+                                                    f"null or a token id in [0, 512), got -1")):
         dgemma.DiffusionGemma.from_pretrained(tmp_path)

@@ -284,3 +284,33 @@ def test_null_pad_token_id_generates_as_in_transformers(reference_checkpoint, tm
     new = got.sequences[:, prompts.shape[1]:]
     ended = (new[:, :16] == 1).any(dim=1)  # 16: the canvas length
     assert ended.any() and not ended.all() and (new[ended, 16:] != 0).any()
+
+
+@pytest.mark.parametrize("case", ["transformers_file", "no_file", "explicit_none"])
+def test_no_pad_id_keeps_the_tokens_after_eos_as_transformers_does(reference_checkpoint, tmp_path, case):
+    """Where transformers has no pad id — a generation_config.json without one (its own save_pretrained writes
+    such files), no generation_config.json at all (then no EOS either), or `pad_token_id=None` in the call —
+    it leaves the tokens after a row's EOS as generated. dgemma padded them with config.json's pad id."""
+    import shutil
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    source, _ = reference_checkpoint("window", "confident")
+    path = tmp_path / case
+    shutil.copytree(source, path)
+    settings = dict(max_new_tokens=48, max_denoising_steps=10, stability_threshold=0)
+    if case == "no_file":
+        (path / "generation_config.json").unlink()
+    else:
+        settings["eos_token_id"] = 1
+    if case == "explicit_none":
+        gen = json.loads((path / "generation_config.json").read_text())
+        (path / "generation_config.json").write_text(json.dumps({**gen, "pad_token_id": 0}))
+        settings["pad_token_id"] = None
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    prompt = [2] + torch.randint(3, 512, (4,), generator=torch.Generator().manual_seed(6)).tolist()
+    expected, got = _generate_pair(path, ref, prompt, 6, **settings)  # seed 6 writes token 1 at its 12th place
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
+    new = got.sequences[0, len(prompt):].tolist()
+    assert 1 in new and any(t != 0 for t in new[new.index(1) + 1:])  # tokens after the EOS, not pad

@@ -232,10 +232,13 @@ class DiffusionGemma:
             kwargs["max_denoising_steps"] = steps
         if "eos_token_id" in kwargs and kwargs["eos_token_id"] is None:
             kwargs["eos_token_id"] = []  # as in transformers: an explicit None turns stopping at EOS off
+        no_pad = "pad_token_id" in kwargs and kwargs["pad_token_id"] is None  # and padding after it
         gen = self.generation_config
         if generation_config is not None:
             gen = gen.updated(**_config_overrides(generation_config))
         gen = gen.updated(**kwargs)
+        if no_pad:
+            gen = dataclasses.replace(gen, pad_token_id=None)
         gen.validate()
         if gen.max_length is not None:
             # the reference's rule: max_length (which counts the prompt) applies while max_new_tokens is at its

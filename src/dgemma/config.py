@@ -105,6 +105,13 @@ class TextConfig:
             kv = self.layer_kv_heads(i)
             if self.num_attention_heads % kv:
                 raise ConfigError(f"layer {i}: {self.num_attention_heads} query heads not divisible by {kv} KV heads")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) and name == "eos_token_id" else [value]
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                             and 0 <= i < self.vocab_size for i in ids):
+                raise ConfigError(f"text_config.{name} must be null or a token id in [0, {self.vocab_size})"
+                                  f"{' (or a list of them)' if name == 'eos_token_id' else ''}, got {value!r}")
         if self.attention_bias:
             raise ConfigError("attention_bias=True is not part of the DiffusionGemma architecture")
         if self.hidden_activation != ACTIVATION:
@@ -435,11 +442,13 @@ class GenerationConfig:
         elif path.exists():
             raise ConfigError(f"{path}: not a file")
         settings = cls.from_hf_dict(data).__dict__
-        if path.is_file() and data.get("eos_token_id") is None:
-            # as transformers reads it: a generation_config.json without EOS never stops at one (transformers'
-            # own save_pretrained writes such files); only a checkpoint without the file takes config.json's
+        if data.get("eos_token_id") is None:
+            # as transformers reads a checkpoint: a generation_config.json without EOS (transformers' own
+            # save_pretrained writes such files), or none at all, never stops at one
             settings["eos_token_id"] = []
         gen = cls.for_model(model_config, **settings)
+        if data.get("pad_token_id") is None:  # nor pads what follows an EOS
+            gen = dataclasses.replace(gen, pad_token_id=None)
         try:
             gen.validate()
         except ConfigError as e:  # without generation_config.json, the token ids came from config.json

@@ -32,7 +32,8 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
         raise ConfigError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model context "
                           f"of {model.text.max_position_embeddings}")
     t0 = time.perf_counter()
-    pad = model.text.pad_token_id if pad_token_id is None else pad_token_id
+    # what follows a row's EOS: the pad id, else (as transformers' AR generate does) the first EOS id
+    pad = next((t for t in (pad_token_id, model.text.pad_token_id, *eos_token_ids) if t is not None), 0)
     device = model.device
     b = len(prompts)
     cache = KVCache(model.text, b, longest + max_new_tokens, 1, model.dtype, device)

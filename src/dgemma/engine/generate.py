@@ -172,8 +172,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
     b = len(prompts)
     rng = CanvasRNG(generators)
     eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
-    # no pad id anywhere (pad_token_id null): as in transformers, tokens after a row's EOS stay as generated
-    pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
+    pad = gen.pad_token_id  # None: as in transformers, tokens after a row's EOS stay as generated
     max_len = max(len(p) for p in prompts) + (n_canvases - 1) * c
     if static is not None:
         cache, denoise = static.get(model, b, max_len)

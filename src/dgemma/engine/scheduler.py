@@ -114,7 +114,7 @@ class _Row:
         self.c, self.vocab, self.device = model.config.canvas_length, model.text.vocab_size, model.device
         self.dtype = model.dtype
         self.n_canvases = math.ceil(gen.max_new_tokens / self.c)
-        self.pad = gen.pad_token_id if gen.pad_token_id is not None else model.text.pad_token_id
+        self.pad = gen.pad_token_id  # None: tokens after EOS stay as generated, as in `generate`
         self.eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=self.device)
         self.rng = CanvasRNG([torch.Generator(self.device).manual_seed(request.seed)])
         self.pending: torch.Tensor | None = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
@@ -168,7 +168,7 @@ class _Row:
     def finish(self) -> None:
         out = torch.cat(self.committed, dim=1)
         stats = self.stats
-        stats.new_tokens = [int((out != self.pad).sum())]
+        stats.new_tokens = [int((out != self.pad).sum()) if self.pad is not None else out.numel()]
         stats.decoder_passes = [sum(stats.passes_per_canvas[0])]
         stats.tokens_per_forward = [stats.new_tokens[0] / max(stats.decoder_passes[0], 1)]
         stats.wall_time_s = time.perf_counter() - self.submitted
@@ -343,7 +343,7 @@ class Scheduler:
         new = [r.pending[0] if r.state is None else r.state.canvas[0] for r in rows]
         width = max(len(t) for t in new)
         device = self.cache.device
-        tokens = torch.full((len(rows), width), self.model.text.pad_token_id, dtype=torch.long, device=device)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long, device=device)  # masked filler
         valid = torch.zeros((len(rows), width), dtype=torch.bool, device=device)
         for i, t in enumerate(new):
             tokens[i, :len(t)] = t

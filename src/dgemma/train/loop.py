@@ -169,6 +169,9 @@ def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Di
         model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer, device=dist.device)
     else:
         model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed, cfg.dtype, dist.device)
+    if model.config.text_config.pad_token_id is None:
+        raise ConfigError(f"{cfg.model}: its config has no pad_token_id, which training needs (the target of canvas "
+                          "places past the end of a text, and the filler of short rows)")
     if cfg.seq_len > model.config.text_config.max_position_embeddings:
         raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model context "
                           f"({model.config.text_config.max_position_embeddings})")
