@@ -314,3 +314,26 @@ def test_no_pad_id_keeps_the_tokens_after_eos_as_transformers_does(reference_che
     assert torch.allclose(got.tokens_per_forward.double(), expected.tokens_per_forward.double(), atol=1e-6)
     new = got.sequences[0, len(prompt):].tolist()
     assert 1 in new and any(t != 0 for t in new[new.index(1) + 1:])  # tokens after the EOS, not pad
+
+
+def test_the_checkpoints_return_dict_in_generate_is_followed(reference_checkpoint, tmp_path):
+    """generation_config.json's return_dict_in_generate: false makes `generate` return the sequences tensor, as in
+    transformers (dgemma ignored it); the call's argument still wins; dgemma's save keeps the setting."""
+    import shutil
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    source, _ = reference_checkpoint("window", "random")
+    path = tmp_path / "tensor"
+    shutil.copytree(source, path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "return_dict_in_generate": False}))
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    expected, got = _generate_pair(path, ref, [2, 5, 6, 7], 0, max_new_tokens=16, max_denoising_steps=4)
+    assert isinstance(expected, torch.Tensor) and isinstance(got, torch.Tensor)
+    assert got.tolist() == expected.tolist()
+    ours = dgemma.DiffusionGemma.from_pretrained(path)
+    assert not isinstance(ours.generate(input_ids=[[2, 5]], max_new_tokens=16, return_dict_in_generate=True),
+                          torch.Tensor)
+    ours.save_pretrained(tmp_path / "saved")
+    assert dgemma.DiffusionGemma.from_pretrained(tmp_path / "saved").generation_config.return_dict_in_generate is False

@@ -288,8 +288,11 @@ class DiffusionGemma:
         the prompt, each pass's draft (`put_draft(value=...)`, where it has that method) and each committed canvas
         (`put`), then `end()`, as transformers' streamers do. With `return_dict_in_generate=False` (argument or
         `generation_config` attribute) it returns the sequences tensor only."""
-        if return_dict_in_generate is None:
-            return_dict_in_generate = getattr(generation_config, "return_dict_in_generate", True)
+        if return_dict_in_generate is None:  # the call's, else the generation_config argument's, else the model's
+            return_dict_in_generate = self.generation_config.return_dict_in_generate
+            if generation_config is not None:
+                return_dict_in_generate = _config_overrides(generation_config).get("return_dict_in_generate",
+                                                                                  return_dict_in_generate)
         if streamer is not None and getattr(streamer, "_takes_logits", False):
             raise ConfigError("streamers that take the draft logits (_takes_logits) are not supported; "
                               "use DiffusionGemma.stream_generate for per-pass output")

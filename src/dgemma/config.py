@@ -342,6 +342,7 @@ class GenerationConfig:
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
+    return_dict_in_generate: bool = True  # False: `generate` returns the sequences tensor alone
 
     def __post_init__(self) -> None:
         eos = self.eos_token_id
@@ -380,6 +381,9 @@ class GenerationConfig:
             raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
         if not _is_real(self.confidence_threshold) or self.confidence_threshold <= 0:
             raise ConfigError(f"confidence_threshold must be a number > 0, got {self.confidence_threshold!r}")
+        for name in ("do_sample", "return_dict_in_generate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -410,7 +414,7 @@ class GenerationConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
-            "return_dict_in_generate": True,
+            "return_dict_in_generate": self.return_dict_in_generate,
         }
         if self.max_length is not None:
             d["max_length"] = self.max_length

@@ -127,7 +127,7 @@ def time_generate(dg: DiffusionGemma, ids: torch.Tensor, gen: GenerationConfig, 
         torch.manual_seed(0)
         sync(device)
         t0 = time.perf_counter()
-        out = dg.generate(input_ids=ids, generation_config=gen, static_cache=static)
+        out = dg.generate(input_ids=ids, generation_config=gen, static_cache=static, return_dict_in_generate=True)
         sync(device)
         if i >= warmup:
             runs.append((time.perf_counter() - t0, out))
