@@ -179,7 +179,9 @@ def test_two_processes_match_one(corpus, tmp_path):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
     a, b = weights(tmp_path / "one" / "checkpoint-3"), weights(tmp_path / "two" / "checkpoint-3")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the gradients are summed in another order over two processes (fp32 rounding), which AdamW's normalised
+    # step turns into differences up to ~2e-5 on weights of ~0.02 after three steps
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_a_resumed_model_trains_on_its_own_aligned_storage(corpus, tmp_path):

@@ -122,3 +122,30 @@ def test_learns_a_repeating_pattern_and_generates_it(tmp_path):
     prompt = model.tokenizer.encode("abcdefgabc")
     result = model.generate(input_ids=[prompt], max_new_tokens=32, do_sample=False, seed=0)
     assert model.tokenizer.decode(result.sequences[0, len(prompt):].tolist()) == ("defgabc" * 5)[:32]
+
+
+def test_a_packed_canvas_targets_pad_after_its_examples_end():
+    """Packed rows hold several examples; a canvas that runs past its example's EOS learns pad there (as
+    generation pads a canvas after EOS), not the next example's prompt and answer."""
+    from dgemma.train.batches import pack
+
+    first, second = Example([2, 10, 11, 20, 21, 1], 3, "a"), Example([2, 12, 13, 30, 31, 1], 3, "b")
+    row = pack([first, second], 12, pad_id=0)
+    assert row.ends.tolist() == [[i in (5, 11) for i in range(12)]]
+    g = torch.Generator().manual_seed(0)
+    plans = [plan_canvases(row, 8, 512, 0, g) for _ in range(40)]
+    assert {int(p.start) for p in plans} == {3, 9}
+    for plan in plans:
+        expected = [20, 21, 1] if int(plan.start) == 3 else [30, 31, 1]
+        assert plan.target[0].tolist() == expected + [0] * 5
+        assert plan.valid[0].tolist() == [True] * 3 + [int(plan.start) == 3] * 5  # (9: past the row's width)
+
+
+def test_canvases_align_to_each_packed_example():
+    """Plain-text examples packed back to back: canvas starts align to each example's own start, as generation
+    starts a canvas where its text starts."""
+    from dgemma.train.batches import pack
+
+    row = pack([Example([2, 5, 1], 0, "a"), Example([2, 7, 8, 1], 0, "b")], 7, pad_id=0)
+    g = torch.Generator().manual_seed(0)
+    assert {int(canvas_starts(row.loss_mask, 2, g, row.ends)) for _ in range(200)} == {0, 2, 3, 5}

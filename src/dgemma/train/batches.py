@@ -1,7 +1,7 @@
 """Examples -> fixed-length rows -> global batches.
 
 Rows are either packed (examples concatenated, each ending in EOS, cut every `seq_len` tokens) or one example
-per row, right-padded. A `BatchStream` serves global batches in a seeded random order, epoch after epoch; its
+per row, right-padded; either way a row marks where each of its examples ends (`ends`). A `BatchStream` serves global batches in a seeded random order, epoch after epoch; its
 position is part of a checkpoint so a resumed run reads exactly the batches it would have read.
 """
 
@@ -24,11 +24,18 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class Batch:
-    """Rows of tokens; pad after `lengths`. `loss_mask` marks the tokens the model is trained to produce."""
+    """Rows of tokens; pad after `lengths`. `loss_mask` marks the tokens the model is trained to produce, `ends`
+    the last token of each example (packed rows hold several; default: each row's last token)."""
 
     tokens: torch.Tensor  # [B, L] long
     loss_mask: torch.Tensor  # [B, L] bool
     lengths: torch.Tensor  # [B] long
+    ends: torch.Tensor | None = None  # [B, L] bool
+
+    def __post_init__(self) -> None:
+        if self.ends is None:
+            pos = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+            self.ends = pos == (self.lengths[:, None] - 1)
 
     def rows(self, index: torch.Tensor) -> "Batch":
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -54,15 +61,18 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> Batch:
         return pad_each(examples, seq_len, pad_id)
     tokens = torch.tensor([t for e in examples for t in e.tokens], dtype=torch.long)
     mask = torch.tensor([m for e in examples for m in _mask(e)], dtype=torch.bool)
+    ends = torch.tensor([i == len(e.tokens) - 1 for e in examples for i in range(len(e.tokens))], dtype=torch.bool)
     n = tokens.numel()
     rows = -(-n // seq_len)
     padded = torch.full((rows * seq_len,), pad_id, dtype=torch.long)
     padded[:n] = tokens
     padded_mask = torch.zeros(rows * seq_len, dtype=torch.bool)
     padded_mask[:n] = mask
+    padded_ends = torch.zeros(rows * seq_len, dtype=torch.bool)
+    padded_ends[:n] = ends
     lengths = torch.full((rows,), seq_len, dtype=torch.long)
     lengths[-1] = n - (rows - 1) * seq_len
-    batch = Batch(padded.view(rows, seq_len), padded_mask.view(rows, seq_len), lengths)
+    batch = Batch(padded.view(rows, seq_len), padded_mask.view(rows, seq_len), lengths, padded_ends.view(rows, seq_len))
     return batch.rows(batch.loss_mask.any(dim=1))
 
 

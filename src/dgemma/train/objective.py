@@ -66,24 +66,31 @@ class LossTotals:
         return cls(max(int(plan.valid.sum()), 1), max(int(batch.loss_mask[:, 1:].sum()), 1))
 
 
-def canvas_starts(loss_mask: torch.Tensor, canvas_length: int, generator: torch.Generator) -> torch.Tensor:
+def canvas_starts(loss_mask: torch.Tensor, canvas_length: int, generator: torch.Generator,
+                  ends: torch.Tensor | None = None) -> torch.Tensor:
     """One start per row, uniform over the canvas-aligned blocks of its target: target positions whose distance
     from the start of their run of target tokens is a multiple of `canvas_length` (where generation would begin
-    a canvas after the prompt)."""
+    a canvas after the prompt). A run also starts after an example's end (`ends` [B, L]: packed examples)."""
     if not bool(loss_mask.any(dim=1).all()):
         raise ValueError("every row needs at least one target token")
     pos = torch.arange(loss_mask.shape[1])
     run_start = loss_mask & ~F.pad(loss_mask, (1, 0))[:, :-1]
+    if ends is not None:
+        run_start |= loss_mask & F.pad(ends, (1, 0))[:, :-1]
     offset = pos - torch.where(run_start, pos, 0).cummax(dim=1).values
     anchors = loss_mask & (offset % canvas_length == 0)
     return torch.multinomial(anchors.float(), 1, generator=generator).squeeze(1)
 
 
-def _target_run_left(loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L]: how many target tokens follow without a break from each position on (0 off the target)."""
+def _target_run_left(loss_mask: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L]: how many target tokens of the same example follow without a break from each position on (0 off
+    the target); `ends` [B, L] marks the examples' last tokens."""
     b, width = loss_mask.shape
     pos = torch.arange(width).expand(b, width)
-    next_off = torch.where(loss_mask, width, pos).flip(1).cummin(dim=1).values.flip(1)
+    stop = torch.where(loss_mask, width, pos)
+    if ends is not None:
+        stop = torch.minimum(stop, torch.where(ends, pos + 1, width))
+    next_off = stop.flip(1).cummin(dim=1).values.flip(1)
     return next_off - pos
 
 
@@ -113,7 +120,7 @@ def infill_layout(batch: Batch, start: torch.Tensor, canvas_length: int, infill_
     full_hole = torch.full((b,), c, dtype=torch.long)
     if not bool(is_infill.any()):
         return start, full_hole, span
-    left = _target_run_left(batch.loss_mask)
+    left = _target_run_left(batch.loss_mask, batch.ends)
     pos = torch.arange(width)
     breaks = (torch.isin(batch.tokens, newline_ids) if newline_ids is not None and newline_ids.numel()
               else torch.zeros_like(batch.loss_mask))
@@ -147,7 +154,7 @@ def plan_canvases(batch: Batch, canvas_length: int, vocab_size: int, pad_id: int
     noise levels, keep masks, noise and self-conditioning rows stay the same as well."""
     b, width = batch.tokens.shape
     c = canvas_length
-    start = canvas_starts(batch.loss_mask, c, generator)
+    start = canvas_starts(batch.loss_mask, c, generator, batch.ends)
     t = eps + (1 - 2 * eps) * torch.rand(b, generator=generator)
     keep = torch.rand(b, c, generator=generator) < (1 - t)[:, None]
     noise = torch.randint(0, vocab_size, (b, c), generator=generator)
@@ -164,8 +171,13 @@ def plan_canvases(batch: Batch, canvas_length: int, vocab_size: int, pad_id: int
     fixed = j >= hole  # the suffix
     filler = (j >= span) & ~fixed
     index = start[:, None] + j - torch.where(fixed, hole - span, 0)  # suffix: the tokens right after the span
-    target = F.pad(batch.tokens, (0, c), value=pad_id).gather(1, index)
-    wanted = F.pad(batch.loss_mask, (0, c)).gather(1, index) | (index >= batch.lengths[:, None])
+    # the end of the example a canvas starts in (packed rows hold several): the places after it target pad, as
+    # generation pads a canvas after its EOS, rather than the next example
+    pos = torch.arange(width)
+    example_end = torch.where(batch.ends & (pos >= start[:, None]), pos, width + c).min(dim=1).values
+    beyond = index > example_end[:, None]
+    target = torch.where(beyond, pad_id, F.pad(batch.tokens, (0, c), value=pad_id).gather(1, index))
+    wanted = F.pad(batch.loss_mask, (0, c)).gather(1, index) | (index >= batch.lengths[:, None]) | beyond
     valid = wanted & (index < width)  # nothing beyond the batch width
     if infill_prob > 0:
         target = torch.where(filler, fill_id, target)
