@@ -150,3 +150,28 @@ def test_batch_stream_resumes_from_its_position():
     seen_again += [resumed.next().tokens[:, 1].tolist() for _ in range(3)]
     assert seen == seen_again
     assert sorted(sum(seen[:2], []) + seen[2][:1]) == list(range(3, 10))  # each epoch is a permutation
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """U+2028, U+0085 and other characters str.splitlines() breaks at are valid inside a JSON string (json.dumps
+    with ensure_ascii=False writes them raw); such records were refused as invalid JSON."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"a\u2028b\u0085c\x0c{i}"}, ensure_ascii=False) + "\n"
+                            for i in range(3)) + "{bad\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: invalid JSON")):  # and lines are counted right
+        list(read_records([path]))
+    path.write_text(path.read_text(encoding="utf-8").replace("{bad\n", ""), encoding="utf-8")
+    assert [r.target for r in read_records([path])] == [f"a\u2028b\u0085c\x0c{i}" for i in range(3)]
+
+
+def test_a_metrics_file_cut_short_resumes_and_a_damaged_one_is_named(tmp_path):
+    from dgemma.config import ConfigError
+    from dgemma.train.report import read_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    truncate_metrics(path, 2)  # a run killed while writing step 3, resumed from checkpoint-2
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:1: not a metrics record")):
+        read_metrics(path)

@@ -197,3 +197,9 @@ def test_a_resumed_model_trains_on_its_own_aligned_storage(corpus, tmp_path):
     assert all(p.data_ptr() % 64 == 0 for p in model.model.parameters())
     for (name, p), q in zip(model.model.named_parameters(), loaded.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_eval_data_covering_all_data_is_named(corpus, tmp_path, capsys):
+    assert _run_cli(corpus, tmp_path / "run", "--eval-data", str(corpus), "--holdout-frac", "0") == 1
+    assert capsys.readouterr().err.strip() == ("dgemma: error: every --data input is also under --eval-data, which "
+                                               "is held out whole: nothing is left to train on")

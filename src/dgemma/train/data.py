@@ -72,8 +72,9 @@ def find_files(paths: Sequence[str | Path], extensions: Sequence[str] | None = N
 
 def read_records(paths: Sequence[str | Path], extensions: Sequence[str] | None = None,
                  exclude: Sequence[str | Path] = ()) -> Iterator[Record]:
-    """Every record of every input, less the files found under `exclude`. A file named on its own that is empty or
-    not UTF-8 is an error; such files found by walking a folder are skipped (and counted in the log)."""
+    """Every record of every input, less the files found under `exclude`. A text file named on its own that is
+    empty or not UTF-8 is an error; such text files found by walking a folder are skipped (and counted in the
+    log). A JSONL file is data on purpose wherever it is found: an empty or unreadable one is always an error."""
     named = {Path(p) for p in paths}
     excluded = {f.resolve() for f, _ in find_files(exclude, extensions)}
     skipped: list[str] = []
@@ -117,9 +118,9 @@ def _read_text(file: Path) -> str:
 
 
 def read_jsonl(file: Path) -> Iterator[Record]:
-    """One record per non-blank line."""
+    """One record per non-blank line (lines end at "\n" only: U+2028 and the like are valid inside a JSON string)."""
     count = 0
-    for number, line in enumerate(_read_text(file).splitlines(), 1):
+    for number, line in enumerate(_read_text(file).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{file}:{number}"

@@ -58,7 +58,11 @@ class StopSignals:
 def load_rows(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[Batch, Batch]:
     """(training rows, held-out rows): `eval_data` is held out whole (and never trained on), and a hashed
     `holdout_frac` of `data` besides."""
-    train, held = split_records(read_records(cfg.data, cfg.ext, exclude=cfg.eval_data), cfg.holdout_frac)
+    records = list(read_records(cfg.data, cfg.ext, exclude=cfg.eval_data))
+    if not records and cfg.eval_data:
+        raise DataError("every --data input is also under --eval-data, which is held out whole: nothing is left "
+                        "to train on")
+    train, held = split_records(records, cfg.holdout_frac)
     held += read_records(cfg.eval_data, cfg.ext)
     if not train:
         raise DataError("every example fell into the held-out split: lower --holdout-frac or add data")

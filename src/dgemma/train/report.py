@@ -6,10 +6,15 @@ PNG at the end (when matplotlib is installed). Only the main process reports.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ..config import ConfigError
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 CURVE_FILE = "loss_curve.png"
@@ -74,9 +79,21 @@ class Reporter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a last line cut short (the process killed while writing it) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                log.warning("%s: dropped its last line, cut short (%s)", path, e.msg)
+                break
+            raise ConfigError(f"{path}:{number}: not a metrics record ({e.msg}); move the file away to go on") \
+                from None
+    return records
 
 
 def truncate_metrics(path: Path, step: int) -> None:
