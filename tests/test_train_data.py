@@ -175,3 +175,9 @@ def test_a_metrics_file_cut_short_resumes_and_a_damaged_one_is_named(tmp_path):
     path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.5}\n')
     with pytest.raises(ConfigError, match=re.escape(f"{path}:1: not a metrics record")):
         read_metrics(path)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/mem"), reason="needs Linux's /proc")
+def test_a_read_error_without_a_file_name_is_named():
+    with pytest.raises(DataError, match=re.escape("/proc/self/mem: cannot read it (")):
+        list(read_records(["/proc/self/mem"]))

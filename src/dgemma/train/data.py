@@ -115,6 +115,8 @@ def _read_text(file: Path) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text (byte {e.start}); pass --ext to choose which files to read") from None
+    except OSError as e:  # some carry no file name (EIO): name it here
+        raise DataError(f"{file}: cannot read it ({e.strerror or e})") from None
 
 
 def read_jsonl(file: Path) -> Iterator[Record]:
