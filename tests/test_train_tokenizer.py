@@ -119,7 +119,7 @@ def test_read_errors_name_the_file(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(Path, "read_text", unreadable)
     assert main(["tokenizer", "train", "--data", str(data), "--vocab-size", "600", "--out", str(tmp_path / "t")]) == 1
-    assert f"{data}: {os.strerror(errno.EIO)}" in capsys.readouterr().err
+    assert f"{data}: cannot read it ({os.strerror(errno.EIO)})" in capsys.readouterr().err
 
 
 def test_a_lone_surrogate_names_the_file_and_line(tmp_path, capsys):
