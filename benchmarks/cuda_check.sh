@@ -7,6 +7,8 @@
 #            the same tensors (AR=--ar adds the same weights' AR mode: several minutes more)
 #   compiled the same for the whole pass through torch.compile (batch 1)
 #   train    the shipped model's recipe with infilling + the AR baseline, then `dgemma eval` of both
+#   trainmem one training step's peak memory with and without --grad-checkpoint: a LoRA step on the 26B-A4B
+#            shape with its base in bf16 (does fine-tuning fit one GPU?), and full training of the bench preset
 #   suite    the whole test suite
 # Results go to $OUT (default out/cuda).
 set -u
@@ -55,6 +57,12 @@ if has compiled; then  # the whole pass through torch.compile (compile time is p
     --passes 16 --canvases 2 --modes compiled --repeats 6 --out "$OUT/compiled" > /dev/null 2> "$OUT/compiled/bench.log"
   tail -n 3 "$OUT/compiled/bench.log"
   python3 -c "import json,sys; [print(r) for r in json.load(open(sys.argv[1]))['runs']]" "$OUT/compiled/bench.json"
+fi
+if has trainmem; then
+  timeout "${TRAINMEM_S:-400}" python3 benchmarks/train_memory.py --preset 26b-a4b --device cuda --dtype bfloat16 \
+    --lora "${LORA_RANK:-16}" --seq-len "${TRAINMEM_LEN:-1024}" --batch 1 2>&1 | tee "$OUT/train_memory.log"
+  timeout 200 python3 benchmarks/train_memory.py --preset bench --device cuda --seq-len 4096 --batch 8 2>&1 \
+    | tee -a "$OUT/train_memory.log"
 fi
 if has suite; then
   timeout "${SUITE_S:-240}" python3 -m pytest tests -q -n "${WORKERS:-8}" -p no:cacheprovider 2>&1 \
