@@ -184,10 +184,10 @@ class DiffusionGemma:
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: DiffusionGemmaConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+    def from_config(cls, config: DiffusionGemmaConfig, seed: int = 0, dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu") -> "DiffusionGemma":
         """A model with random weights (timing, tests); the tokenizer is the byte-level fallback."""
-        model = init_weights(DiffusionGemmaModel(config), seed).to(device=device, dtype=dtype).eval()
+        model = init_weights(DiffusionGemmaModel(config), seed).to(device=device, dtype=_float_dtype(dtype)).eval()
         model.requires_grad_(False)
         tok = byte_tokenizer() if config.text_config.vocab_size >= 512 else None
         return cls(model, GenerationConfig.for_model(config), tok)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -87,18 +87,6 @@ def record_texts(records: Iterable[Record]) -> Iterator[str]:
             yield text
 
 
-def read_texts(paths: Sequence[str], extensions: Sequence[str] | None = None) -> Iterator[str]:
-    """`record_texts` of the records of each path in turn, so that a read error the OS reports without a file name
-    (an I/O error) names the path it came from."""
-    for path in paths:
-        try:
-            yield from record_texts(read_records([path], extensions))
-        except OSError as e:
-            if e.filename is None:
-                e.filename = path
-            raise
-
-
 def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """`tokenizer.json`, `chat_template.jinja` and (where `out` has none) `tokenizer_config.json`, as a model
     directory holds them."""
@@ -142,7 +130,7 @@ def _output_dir(out: str) -> Path:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     out = _output_dir(args.out)
     find_files(args.data, args.ext)  # a missing path fails now, not after the files before it are read
-    tokenizer = train_tokenizer(read_texts(args.data, args.ext), args.vocab_size, args.min_frequency)
+    tokenizer = train_tokenizer(record_texts(read_records(args.data, args.ext)), args.vocab_size, args.min_frequency)
     save_tokenizer(tokenizer, out)
     print(f"{args.out}: {tokenizer.vocab_size} tokens")
     return 0

@@ -14,7 +14,7 @@ import torch
 from ..config import TEMPERATURE_RANGE, ConfigError
 from ..model.model import DiffusionGemmaModel
 from .cache import KVCache
-from .generate import GenerationResult, GenerationStats, _right_pad, check_tokens
+from .generate import GenerationResult, GenerationStats, _right_pad, check_tokens, count_new_tokens
 
 
 @torch.inference_mode()
@@ -64,7 +64,7 @@ def generate_ar(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], ma
                 break
             tokens, valid = nxt[:, None], torch.ones(b, 1, dtype=torch.bool, device=device)
     gen = torch.stack(out, dim=1)
-    n_tokens = (gen != pad).sum(dim=1).tolist()
+    n_tokens = count_new_tokens(gen, pad)
     passes_per_row = passes.tolist()
     stats = GenerationStats(passes_per_canvas=[[n] for n in passes_per_row], decoder_passes=passes_per_row,
                             new_tokens=n_tokens, tokens_per_forward=[n / p for n, p in zip(n_tokens, passes_per_row)],

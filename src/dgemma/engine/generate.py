@@ -130,6 +130,11 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.T
     return tokens, valid
 
 
+def count_new_tokens(out: torch.Tensor, pad: int | None) -> list[int]:
+    """Generated tokens per row of `out` [B, N]: those that are not pad (all of them when there is no pad id)."""
+    return (out != pad).sum(dim=1).tolist() if pad is not None else [out.shape[1]] * out.shape[0]
+
+
 def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int | None, fixed: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens after a row's first EOS become pad (stay as they are with no pad id), except `fixed` [B, C]
@@ -240,7 +245,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             pending, valid = tokens, torch.ones_like(tokens, dtype=torch.bool)
 
         out = torch.cat(committed, dim=1)
-        stats.new_tokens = (out != pad).sum(dim=1).tolist() if pad is not None else [out.shape[1]] * b
+        stats.new_tokens = count_new_tokens(out, pad)
         stats.decoder_passes = total_passes.tolist()
         stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
         stats.wall_time_s = time.perf_counter() - t0

@@ -35,7 +35,7 @@ from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
 from .cache import KVCache
 from .generate import (CanvasCommit, CanvasSpec, DenoiseStep, GenerationResult, GenerationStats, _pad_after_eos,
-                       _validate)
+                       _validate, count_new_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class _Row:
     def finish(self) -> None:
         out = torch.cat(self.committed, dim=1)
         stats = self.stats
-        stats.new_tokens = [int((out != self.pad).sum()) if self.pad is not None else out.numel()]
+        stats.new_tokens = count_new_tokens(out, self.pad)
         stats.decoder_passes = [sum(stats.passes_per_canvas[0])]
         stats.tokens_per_forward = [stats.new_tokens[0] / max(stats.decoder_passes[0], 1)]
         stats.wall_time_s = time.perf_counter() - self.submitted

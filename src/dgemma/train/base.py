@@ -30,7 +30,7 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
         if tokenizer is not None:
             text = dataclasses.replace(config.text_config, vocab_size=tokenizer.vocab_size)
             config = dataclasses.replace(config, text_config=text)
-        base = DiffusionGemma.from_config(config, seed=seed, dtype=_dtype(dtype), device=device)
+        base = DiffusionGemma.from_config(config, seed=seed, dtype=dtype, device=device)
     else:
         base = DiffusionGemma.from_pretrained(source, dtype=dtype, device=device)
     if tokenizer is not None:
@@ -62,7 +62,3 @@ def _config(model: str, config_json: str | None) -> DiffusionGemmaConfig:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

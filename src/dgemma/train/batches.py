@@ -1,8 +1,9 @@
 """Examples -> fixed-length rows -> global batches.
 
 Rows are either packed (examples concatenated, each ending in EOS, cut every `seq_len` tokens) or one example
-per row, right-padded; either way a row marks where each of its examples ends (`ends`). A `BatchStream` serves global batches in a seeded random order, epoch after epoch; its
-position is part of a checkpoint so a resumed run reads exactly the batches it would have read.
+per row, right-padded; either way a row marks where each of its examples ends (`ends`). A `BatchStream` serves
+global batches in a seeded random order, epoch after epoch; its position is part of a checkpoint so a resumed
+run reads exactly the batches it would have read.
 """
 
 from __future__ import annotations
