@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Parser, machine_info, median, timed  # noqa: E402
 
 from dgemma import DiffusionGemma  # noqa: E402
-from dgemma.cli import CLIError, check_writable, pick_device  # noqa: E402
+from dgemma.cli.common import CLIError, check_writable, pick_device  # noqa: E402
 from dgemma.config import PRESETS, ConfigError, DiffusionGemmaConfig, preset  # noqa: E402
 from dgemma.model.weights import CheckpointError  # noqa: E402
 from dgemma.shipped import resolve  # noqa: E402

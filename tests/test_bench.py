@@ -82,7 +82,7 @@ def test_bench_cli_errors(argv, message, capsys):
 
 
 def test_pass_flops_count_every_matmul_of_a_decoder_pass():
-    from dgemma.engine.cache import KVCache
+    from dgemma.model.kv_cache import KVCache
     from dgemma.bench.floor import compute_floor, pass_flops
 
     dg = random_model(preset("tiny"), "cpu", torch.float32)

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from dgemma import canvas_view, cli
-from dgemma.cli import main
+from dgemma.cli import canvas_view, generate, main
+from dgemma.cli import info as info_command
 from dgemma.tokenizer import byte_tokenizer
 
 FAST = ["--model", "tiny", "--max-new-tokens", "32", "--steps", "4", "--seed", "0", "--device", "cpu"]
@@ -126,7 +126,7 @@ def test_chat_and_thinking(capsys):
 def test_split_thinking_keeps_reasoning_apart():
     tok = byte_tokenizer()
     ids = tok.encode("<|channel>thought\nLet me think.<channel|>The answer.<pad>", add_bos=False)
-    reasoning, answer = cli._split_thinking(tok, ids)
+    reasoning, answer = generate.split_thinking(tok, ids)
     assert reasoning == "Let me think."
     assert answer == "The answer."
 
@@ -276,7 +276,7 @@ def test_keyboard_interrupt_exits_130_quietly(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    monkeypatch.setattr(info_command, "cmd_info", interrupted)
     code, out, err = run(capsys, "info", "tiny")
     assert code == 130 and err == ""
 
@@ -303,7 +303,7 @@ def test_out_of_memory_and_missing_extras_are_one_line_errors(capsys, monkeypatc
     def fails(args):
         raise raised
 
-    monkeypatch.setattr(cli, "cmd_info", fails)
+    monkeypatch.setattr(info_command, "cmd_info", fails)
     code, out, err = run(capsys, "info", "tiny")
     assert_one_line_error(code, err, *words)
 

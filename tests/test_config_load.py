@@ -12,7 +12,7 @@ import torch
 import dgemma
 from dgemma import ConfigError
 from dgemma.config import DiffusionGemmaConfig, TextConfig, preset
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 TEXT = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,

@@ -8,7 +8,7 @@ import torch
 
 from dgemma import DiffusionGemma
 from dgemma.config import preset
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 from dgemma.engine.static import StaticDenoiser
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -8,7 +8,7 @@ import torch
 import dgemma
 from dgemma import CanvasCommit, ConfigError, DenoiseStep, GenerationResult
 from dgemma.config import preset
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")

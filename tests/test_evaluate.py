@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import dgemma
-from dgemma.cli import CLIError, build_parser, main
-from dgemma.config import preset
+from dgemma.cli import build_parser, main
+from dgemma.config import ConfigError, preset
 from dgemma.evaluate import run as evaluate_run
 from dgemma.evaluate.infill import ar_infill, diffusion_infill, passes_tests
 from dgemma.evaluate.tasks import HELDOUT_STDLIB, humaneval_tasks, split_at_line, stdlib_dir, stdlib_tasks
@@ -85,7 +85,7 @@ def test_eval_refuses_a_model_without_tokenizer_before_loading_it(no_tokenizer, 
             _eval_error(capsys, "--model", str(no_tokenizer), "--no-humaneval")
         assert "--ar-model " + str(no_tokenizer) + ": the model has no tokenizer" in \
             _eval_error(capsys, "--model", "tiny", "--ar-model", str(no_tokenizer), "--no-humaneval")
-    with pytest.raises(CLIError, match="the model has no tokenizer"):  # `run` called as a library
+    with pytest.raises(ConfigError, match="the model has no tokenizer"):  # `run` called as a library
         evaluate_run.run(str(no_tokenizer), None, 2, None, 1, [], False, 1)
 
 

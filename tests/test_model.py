@@ -7,7 +7,7 @@ import torch
 
 import dgemma
 from dgemma.config import preset
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 
 
 def test_sequence_context_matches_the_cache_at_any_canvas_start():

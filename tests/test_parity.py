@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 
 pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 import dgemma
 from dgemma import ConfigError
 from dgemma.config import preset
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 from dgemma.engine.generate import CanvasCommit, CanvasSpec, DenoiseStep, GenerationResult, stream_generate
 from dgemma.engine.scheduler import (AsyncStreams, QueueFull, Request, RequestFailed, Scheduler, slot_bytes,
                                      slots_for_budget)

@@ -130,7 +130,7 @@ def test_an_infill_completion_ends_at_the_filler():
 
 
 def test_the_served_name_is_the_model_directorys_even_for_dot(tmp_path, monkeypatch):
-    from dgemma.serve.cli import served_name
+    from dgemma.cli.serve import served_name
 
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path / "my-model")

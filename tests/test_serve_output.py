@@ -15,7 +15,7 @@ from dgemma.serve.jobs import JobBuilder, Limits  # noqa: E402
 from dgemma.serve.output import ChoiceOutput, TextDecoder  # noqa: E402
 from dgemma.serve.protocol import ChatRequest  # noqa: E402
 from dgemma.tokenizer import Tokenizer, byte_tokenizer  # noqa: E402
-from dgemma.tokenizer_train import train_tokenizer  # noqa: E402
+from dgemma.train.tokenizer import train_tokenizer  # noqa: E402
 
 TOK = byte_tokenizer()
 DECODER = TextDecoder(TOK)

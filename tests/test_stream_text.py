@@ -11,7 +11,7 @@ import pytest
 
 from dgemma.serve.output import ChoiceOutput, TextDecoder
 from dgemma.tokenizer import IncrementalDetokenizer
-from dgemma.tokenizer_train import train_tokenizer
+from dgemma.train.tokenizer import train_tokenizer
 
 TOK = train_tokenizer([string.printable], vocab_size=800, min_frequency=1)  # ASCII in words, the rest in bytes
 DECODER = TextDecoder(TOK)

@@ -10,7 +10,7 @@ from torch import nn
 
 import dgemma
 from dgemma.model import traced
-from dgemma.engine.cache import KVCache
+from dgemma.model.kv_cache import KVCache
 from dgemma.engine.autoregressive import generate_ar
 from dgemma.engine.generate import generate
 

@@ -13,7 +13,7 @@ import pytest
 import dgemma
 from dgemma.cli import main
 from dgemma.tokenizer import GEMMA4_SPECIAL_IDS, Tokenizer
-from dgemma.tokenizer_train import train_tokenizer
+from dgemma.train.tokenizer import train_tokenizer
 
 CODE = "".join(f"def handler_{i}(request):\n    return {{'status': {200 + i}, 'body': request.body}}\n\n"
                for i in range(200))
@@ -135,6 +135,6 @@ def test_a_bad_out_is_refused_before_training(tmp_path, monkeypatch, capsys, out
     (tmp_path / "code.py").write_text(CODE)
     (tmp_path / "file").write_text("")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("dgemma.tokenizer_train.train_tokenizer", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr("dgemma.cli.tokenizer.train_tokenizer", lambda *a: pytest.fail("trained"))
     assert main(["tokenizer", "train", "--data", "code.py", "--vocab-size", "600", "--out", out]) == 2
     assert message in capsys.readouterr().err

@@ -331,3 +331,13 @@ class DiffusionGemma:
         generated = torch.tensor(result.tokens, dtype=torch.long)
         return GenerateOutput(torch.cat([ids.cpu(), generated], dim=1),
                               torch.tensor(result.stats.tokens_per_forward), result.stats)
+
+
+def load_text_model(name: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | str = torch.float32) -> DiffusionGemma:
+    """`DiffusionGemma.from_pretrained` for work that reads and writes text: a model without a tokenizer is
+    refused."""
+    model = DiffusionGemma.from_pretrained(name, dtype=dtype, device=device)
+    if model.tokenizer is None:
+        raise ConfigError(f"{name}: the model has no tokenizer (tokenizer.json missing)")
+    return model

@@ -35,10 +35,9 @@ full 26B-A4B shape needs no checkpoint and no host memory. JSON goes to stdout (
 
 from __future__ import annotations
 
-from .cli import add_bench_parser, cmd_bench
 from .floor import compute_floor, copy_bandwidth, pass_flops, weight_bytes
 from .measure import MODES, filled_cache, prompt_ids, run, set_experts
 from .models import random_model, transformers_sharing
 
-__all__ = ["MODES", "add_bench_parser", "cmd_bench", "compute_floor", "copy_bandwidth", "filled_cache",
+__all__ = ["MODES", "compute_floor", "copy_bandwidth", "filled_cache",
            "pass_flops", "prompt_ids", "random_model", "run", "set_experts", "transformers_sharing", "weight_bytes"]

@@ -17,8 +17,8 @@ import torch
 
 from ..api import DiffusionGemma
 from ..config import ConfigError, GenerationConfig, preset
-from ..engine.cache import KVCache
 from ..engine.static import StaticDenoiser, StaticPool
+from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update

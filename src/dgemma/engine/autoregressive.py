@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from ..config import TEMPERATURE_RANGE, ConfigError
+from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
-from .cache import KVCache
 from .generate import GenerationResult, GenerationStats, _right_pad, check_tokens, count_new_tokens
 
 

@@ -23,10 +23,10 @@ from functools import partial
 import torch
 
 from ..config import ConfigError, GenerationConfig
+from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
-from .cache import KVCache
 from .static import StaticPool
 
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import FULL, ConfigError, GenerationConfig, TextConfig
+from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
-from .cache import KVCache
 from .generate import (CanvasCommit, CanvasSpec, DenoiseStep, GenerationResult, GenerationStats, _pad_after_eos,
                        _validate, count_new_tokens)
 

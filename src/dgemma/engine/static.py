@@ -23,8 +23,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
-from .cache import KVCache
 
 
 class StaticDenoiser:

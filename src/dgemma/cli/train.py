@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS
-from .config import DEFAULT_MODEL, DTYPES
-from .objective import WEIGHTINGS
+from ..train.config import DEFAULT_MODEL, DTYPES
+from ..train.objective import WEIGHTINGS
+from .common import CLIError, pick_device
 
 EPILOG = """\
 inputs: text files and folders (one document per file; --ext filters what a folder walk finds) and JSONL
@@ -26,7 +27,7 @@ several processes: torchrun --nproc_per_node 2 -m dgemma train ... (the global -
 """
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train or fine-tune a model (diffusion + AR loss)",
                        description="Train DiffusionGemma: the decoder denoises a corrupted canvas of each example "
                                    "and the encoder learns next-token prediction, with shared weights.",
@@ -97,9 +98,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..cli import CLIError, pick_device
-    from .config import TrainConfig
-    from .loop import train
+    from ..train.config import TrainConfig
+    from ..train.loop import train
 
     missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if not value]
     if missing:
@@ -123,10 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from ..cli import CLIError
     from ..shipped import resolve
-    from .base import load_base
-    from .lora import adapter_base, attach_adapter, merge_lora
+    from ..train.base import load_base
+    from ..train.lora import adapter_base, attach_adapter, merge_lora
 
     adapter = Path(args.adapter)
     recorded = adapter_base(adapter)

@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from .config import ConfigError, GenerationConfig
-from .tokenizer import is_valid_text
+from ..config import ConfigError, GenerationConfig
+from ..shipped import DEFAULT_MODEL
+from ..tokenizer import is_valid_text
+from .common import (MODEL_HELP, CLIError, add_device_arguments, add_sampler_arguments, load_with_tokenizer,
+                     sampler_settings)
 
 HELP = """commands:
   /help            this list
@@ -31,9 +34,7 @@ a message over several lines goes between triple quotes: \"\"\" ... \"\"\""""
 _DIM, _RESET = "\x1b[2m", "\x1b[0m"
 
 
-def add_chat_parser(sub: argparse._SubParsersAction) -> None:
-    from .cli import MODEL_HELP, add_device_arguments, add_sampler_arguments
-    from .shipped import DEFAULT_MODEL
+def add_parser(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "chat", help="chat with the model in the terminal",
@@ -205,9 +206,9 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
     """Generate and show one reply; the turn joins the conversation only when the reply is complete."""
     from jinja2.exceptions import TemplateError
 
-    from .engine.cache import CacheFullError
-    from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
-    from .serve.output import ChoiceOutput
+    from ..engine.generate import CanvasCommit, DenoiseStep, GenerationResult
+    from ..model.kv_cache import CacheFullError
+    from ..serve.output import ChoiceOutput
 
     model = convo.model
     stop_ids = set(convo.gen.eos_token_id or [])
@@ -256,8 +257,7 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .cli import CLIError, load_with_tokenizer, sampler_settings
-    from .serve.output import TextDecoder
+    from ..serve.output import TextDecoder
 
     gen = sampler_settings(args)
     if args.system is not None and not is_valid_text(args.system):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from typing import Any
 
-from .config import FULL, SLIDING, DiffusionGemmaConfig, GenerationConfig
+from ..config import FULL, PRESETS, SLIDING, DiffusionGemmaConfig, GenerationConfig
+from ..shipped import SHIPPED
+from .common import resolve_model
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "int4": 0.5}
 
@@ -123,3 +127,20 @@ def format_info(info: dict[str, Any]) -> str:
                                       f"t {g['t_min']}..{g['t_max']}, {g['max_new_tokens']} new tokens"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser(
+        "info", help="show a model's configuration, size and memory needs",
+        description="Summarise a model: architecture, parameter counts, weight memory at several precisions "
+                    "and a KV-cache estimate. Reads only config.json (no weights are loaded).")
+    i.add_argument("model", metavar="MODEL", help=f"checkpoint directory, shipped model ({', '.join(SHIPPED)}) or "
+                                                 f"preset ({', '.join(PRESETS)})")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = model_info(args.model, *resolve_model(args.model))
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0

@@ -1,4 +1,4 @@
-"""Train a BPE tokenizer in the Gemma 4 format: `dgemma tokenizer train --data PATH --vocab-size N --out DIR`.
+"""Train a BPE tokenizer in the Gemma 4 format (`dgemma tokenizer train --data PATH --vocab-size N --out DIR`).
 
 Layout of the vocabulary (the same as `byte_tokenizer()`, so prompts and special ids do not change):
 ids 0..255 are the control tokens of `GEMMA4_SPECIAL_IDS` at their ids (pad 0, eos 1, bos 2, <unk> 3, <|think|> 98,
@@ -11,15 +11,14 @@ indentation gets its own tokens), and decoding is lossless.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable, Iterator
 from importlib.resources import files
 from pathlib import Path
 
-from .config import ConfigError
-from .tokenizer import GEMMA4_SPECIAL_IDS, Tokenizer
-from .train.data import DataError, Record, find_files, read_records
+from ..config import ConfigError
+from ..tokenizer import GEMMA4_SPECIAL_IDS, Tokenizer
+from .data import DataError, Record
 
 RESERVED = 512  # control/unused ids plus the 256 byte tokens
 MAX_VOCAB = 1 << 20  # 4x Gemma 4's 262,144; the BPE trainer reserves memory for the whole size up front
@@ -91,46 +90,3 @@ def save_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     """`tokenizer.json`, `chat_template.jinja` and (where `out` has none) `tokenizer_config.json`, as a model
     directory holds them."""
     tokenizer.save(out)
-
-
-# -- command line -----------------------------------------------------------------------------------
-
-def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("tokenizer", help="tokenizer tools (train)",
-                       description="Tokenizer tools. 'dgemma tokenizer train' learns a BPE vocabulary in the "
-                                   "Gemma 4 layout (special tokens at their Gemma 4 ids, byte fallback).")
-    actions = t.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    actions.required = True
-    tr = actions.add_parser("train", help="train a BPE tokenizer on text files, folders or JSONL",
-                            description="Train a BPE tokenizer and write tokenizer.json, chat_template.jinja and "
-                                        "tokenizer_config.json (for transformers' AutoTokenizer).")
-    tr.add_argument("--data", action="extend", nargs="+", required=True, metavar="PATH",
-                    help="text files, folders (read recursively) or JSONL files (a shell glob works; repeatable)")
-    tr.add_argument("--ext", action="append", metavar="EXT", help="only files ending in EXT when walking folders")
-    tr.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                    help=f"total vocabulary size, the {RESERVED} reserved ids included")
-    tr.add_argument("--min-frequency", type=int, default=2, metavar="N", help="rarest pair to merge (default 2)")
-    tr.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    tr.set_defaults(func=cmd_tokenizer_train)
-
-
-def _output_dir(out: str) -> Path:
-    """--out, checked before training: a directory, or a path where one can be made."""
-    from .cli import CLIError
-
-    if not out:
-        raise CLIError("--out is empty; name the directory to write the tokenizer to")
-    path = Path(out)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise CLIError(f"--out {out}: {existing} exists and is not a directory")
-    return path
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    out = _output_dir(args.out)
-    find_files(args.data, args.ext)  # a missing path fails now, not after the files before it are read
-    tokenizer = train_tokenizer(record_texts(read_records(args.data, args.ext)), args.vocab_size, args.min_frequency)
-    save_tokenizer(tokenizer, out)
-    print(f"{args.out}: {tokenizer.vocab_size} tokens")
-    return 0

@@ -1,4 +1,5 @@
 """`dgemma serve`: load a model, size the KV cache, and run the OpenAI-compatible server with uvicorn.
+`add_engine_arguments` and `build_engine` are shared with `dgemma batch`.
 
 Imports nothing beyond the standard library at module level, so the rest of the CLI works without the
 `serve` extra installed.
@@ -15,28 +16,18 @@ import socket
 import sys
 from pathlib import Path
 
-from ..cli import MODEL_HELP, int_argument, int_at_least_1
 from ..config import WEIGHT_DTYPES
 from ..shipped import DEFAULT_MODEL
+from .common import MODEL_HELP, CLIError, int_argument, int_at_least_1, pick_device, positive_float
 
 log = logging.getLogger(__name__)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
 
 
 def _port(text: str) -> int:
     return int_argument(text, lambda v: 1 <= v <= 65535, "in 1..65535", "port")
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve DiffusionGemma over HTTP: /v1/models, /v1/completions (with `suffix` infilling), "
@@ -49,7 +40,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests waiting for a slot, at most")
     s.add_argument("--max-body-bytes", type=int_at_least_1, default=1 << 20, metavar="N")
-    s.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
+    s.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
                    help="seconds a request may take, queueing included")
     s.add_argument("--no-playground", dest="playground", action="store_false",
                    help="do not serve the playground page at / (the API is served either way)")
@@ -64,7 +55,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                                                                "name)")
     p.add_argument("--max-slots", type=int_at_least_1, default=16, metavar="N",
                    help="requests generating at once, at most (fewer if the KV-cache budget is smaller)")
-    p.add_argument("--kv-cache-gib", type=_positive_float, default=4.0, metavar="GIB",
+    p.add_argument("--kv-cache-gib", type=positive_float, default=4.0, metavar="GIB",
                    help="KV-cache memory budget; fixes the number of slots (default 4)")
     p.add_argument("--max-prompt-tokens", type=int_at_least_1, default=2048, metavar="N")
     p.add_argument("--max-tokens", type=int_at_least_1, default=1024, metavar="N", help="max_tokens allowed")
@@ -80,10 +71,9 @@ def build_engine(args: argparse.Namespace, max_queue: int):
     """(model, scheduler, limits, served name) from `add_engine_arguments`' options: the KV-cache budget sized to
     requests of the largest prompt and output allowed."""
     from ..api import DiffusionGemma
-    from ..cli import pick_device
     from ..config import ConfigError
     from ..engine.scheduler import Scheduler, slots_for_budget
-    from .jobs import Limits
+    from ..serve.jobs import Limits
 
     device = pick_device(args.device)
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
@@ -111,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..config import ConfigError
-    from .app import EngineServer, ServeSettings, create_app
+    from ..serve.app import EngineServer, ServeSettings, create_app
 
     if args.max_queue < 0:
         raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -134,8 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port), for uvicorn to listen on."""
-    from ..cli import CLIError
-
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
