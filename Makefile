@@ -27,6 +27,7 @@ demo: install
 	$(VENV)/bin/dgemma generate --model models/dgemma-code-tiny --seed 0 --max-new-tokens 96 "def fibonacci(n):"
 
 test: dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: dev
