@@ -112,7 +112,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 def test_learns_a_repeating_pattern_and_generates_it(tmp_path):
     (tmp_path / "pattern.txt").write_text("abcdefg" * 300)
     out = tmp_path / "run"
-    checkpoint = train(TrainConfig(data=[str(tmp_path / "pattern.txt")], out=str(out), model="tiny", steps=250,
+    # 250 steps left the first canvas token wrong on some CPUs (MKL's rounding differs by machine): 400 learn it
+    checkpoint = train(TrainConfig(data=[str(tmp_path / "pattern.txt")], out=str(out), model="tiny", steps=400,
                                    batch_size=8, seq_len=64, lr=3e-3, warmup=10, holdout_frac=0.0,
                                    save_every=10**6))
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
