@@ -27,7 +27,7 @@ from .config import RESUME_FIXED, TrainConfig
 from .data import DataError, read_records, split_records, tokenize
 from .distributed import Distributed
 from .lora import add_lora, load_adapter, merge_lora
-from .objective import SUM_KEYS, CanvasPlan, LossTotals, diffusion_gemma_loss, plan_canvases
+from .objective import SUM_KEYS, CanvasPlan, LossTotals, TrainingStep, plan_canvases
 from .optim import build_optimizer, set_lr, warmup_cosine
 from .report import CURVE_FILE, Reporter
 
@@ -101,7 +101,7 @@ def _plan(batch: Batch, model: DiffusionGemma, cfg: TrainConfig, infill: InfillI
                          fill_id=infill.fill if infill else None, newline_ids=infill.newlines if infill else None)
 
 
-def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
+def _run_batch(step: TrainingStep, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
                backward: bool) -> dict[str, float]:
     """This process's rows of a global batch, `cfg.accum` micro-batches at a time (gradients accumulate when
     `backward`); returns the global batch's losses."""
@@ -111,9 +111,7 @@ def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: Train
         if rows.numel() == 0:
             continue
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            loss, part = diffusion_gemma_loss(model.model, batch.rows(rows).to(dist.device),
-                                              plan.rows(rows).to(dist.device), totals, cfg.weighting,
-                                              cfg.diffusion_weight, cfg.ar_weight)
+            loss, part = step(batch.rows(rows).to(dist.device), plan.rows(rows).to(dist.device), totals)
         if backward:
             loss.backward()
         for k, v in part.items():
@@ -128,9 +126,9 @@ def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: Train
     return metrics
 
 
-def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
+def train_step(step: TrainingStep, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
                params: list[torch.nn.Parameter], lr: float, cfg: TrainConfig, dist: Distributed) -> dict[str, float]:
-    metrics = _run_batch(model, batch, plan, cfg, dist, backward=True)
+    metrics = _run_batch(step, batch, plan, cfg, dist, backward=True)
     dist.sum_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
     set_lr(optimizer, lr)
@@ -140,7 +138,7 @@ def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer:
 
 
 @torch.no_grad()
-def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distributed,
+def evaluate(model: DiffusionGemma, step: TrainingStep, rows: Batch, cfg: TrainConfig, dist: Distributed,
              infill: InfillIds | None = None) -> dict[str, float]:
     """Mean loss over the first `eval_batches` batches of held-out rows, with the same noise every time (and the
     same mix of plain and infill canvases as training)."""
@@ -149,7 +147,7 @@ def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distrib
     for i, start in enumerate(range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size)):
         batch = rows.rows(torch.arange(start, min(start + cfg.batch_size, len(rows))))
         plan = _plan(batch, model, cfg, infill, EVAL_STREAM, i)
-        for k, v in _run_batch(model, batch, plan, cfg, dist, backward=False).items():
+        for k, v in _run_batch(step, batch, plan, cfg, dist, backward=False).items():
             totals[k] = totals.get(k, 0.0) + v
         n_batches += 1
     return {f"eval_{k}": v / n_batches for k, v in totals.items()}
@@ -225,6 +223,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
         log.info("resuming from %s", resume_from)
 
     model = _setup_model(cfg, resume_from, out, dist)
+    step = TrainingStep(model.model, cfg.weighting, cfg.diffusion_weight, cfg.ar_weight)
     infill = InfillIds.of(model.tokenizer, model.config.text_config.vocab_size) if cfg.infill_prob > 0 else None
     params = [p for p in model.model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay)
@@ -238,7 +237,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     reporter = Reporter(out, state.step, cfg.steps, cfg.log_every) if dist.is_main else None
 
     try:
-        Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
+        Run(cfg, model, step, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
     finally:
         if reporter:
             curve = reporter.close()
@@ -260,6 +259,7 @@ class Run:
 
     cfg: TrainConfig
     model: DiffusionGemma
+    objective: TrainingStep  # the model's loss as one module
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     stream: BatchStream
@@ -279,7 +279,7 @@ class Run:
                 self.step()
                 if len(self.eval_rows) and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                     record = {"step": state.step,
-                              **evaluate(self.model, self.eval_rows, cfg, self.dist, self.infill)}
+                              **evaluate(self.model, self.objective, self.eval_rows, cfg, self.dist, self.infill)}
                     if self.reporter:
                         self.reporter.eval(record)
                 stopping = self.dist.any(stop.requested)
@@ -296,7 +296,7 @@ class Run:
         batch = self.stream.next()
         plan = _plan(batch, self.model, cfg, self.infill, TRAIN_STREAM, state.step)
         lr = warmup_cosine(state.step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        metrics = train_step(self.model, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
+        metrics = train_step(self.objective, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
         state.step += 1
         state.epoch, state.position = self.stream.epoch, self.stream.position
         if self.reporter:
