@@ -98,6 +98,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           help="keep the weight shards, their gradients and the optimizer state in CPU memory")
     sharding.add_argument("--export", action="store_true",
                           help="with --fsdp: also write OUT/export, the final model in the Hugging Face layout")
+    sharding.add_argument("--plan", action="store_true",
+                          help="print the memory per process of this setup (parameters, gradients, optimizer "
+                               "state, activations at --batch-size x --seq-len) and of others, and which fit an "
+                               "80 GB GPU, from the model's config alone; trains nothing")
+    sharding.add_argument("--world-size", type=int, metavar="N",
+                          help="with --plan: the number of processes (default: torchrun's WORLD_SIZE, else 1)")
     t.set_defaults(func=cmd_train)
 
     actions = t.add_subparsers(dest="train_command", title="actions", metavar="{merge,export}")
@@ -123,6 +129,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train.config import TrainConfig
     from ..train.loop import train
 
+    if args.world_size is not None and not args.plan:
+        raise CLIError("--world-size needs --plan (a run's processes are the ones torchrun starts)")
+    if args.plan:
+        return _plan(args)
     missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if not value]
     if missing:
         raise CLIError(f"train needs {' and '.join(missing)}")
@@ -178,4 +188,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..train.sharded_checkpoint import export
 
     print(export(Path(args.checkpoint), Path(args.out), args.dtype))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ..train.base import base_config
+    from ..train.plan import Setup, format_plan
+
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    for flag, value in (("--world-size", world), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--accum", args.accum), ("--lora", args.lora + 1)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= {1 if flag != '--lora' else 0}, got {value - (flag == '--lora')}")
+    if args.fsdp_offload and not args.fsdp:
+        raise CLIError("--fsdp-offload needs --fsdp")
+    on_cpu = args.device is not None and args.device.startswith("cpu")
+    compute = args.fsdp_dtype or ("float32" if on_cpu else "bfloat16")
+    setup = Setup(world, args.fsdp, args.fsdp_offload, args.lora, args.dtype, compute, args.batch_size, args.seq_len,
+                  args.accum, args.grad_checkpoint)
+    name = args.config_json or args.model
+    print(format_plan(base_config(args.model, args.config_json), name, setup))
     return 0

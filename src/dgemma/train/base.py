@@ -54,6 +54,12 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
     return base
 
 
+def base_config(model: str, config_json: str | None = None) -> DiffusionGemmaConfig:
+    """The config of what `load_base` would load, read without its weights."""
+    source = None if config_json is not None else _source(model)
+    return _config(model, config_json) if source is None else DiffusionGemmaConfig.load(source)
+
+
 def _shell(config: DiffusionGemmaConfig, generation: GenerationConfig, tokenizer: Tokenizer | None,
            dtype: torch.dtype | str) -> DiffusionGemma:
     with torch.device("meta"):
