@@ -47,7 +47,7 @@ def one(preset: str, fsdp: bool, lora: int, seq_len: int, batch_size: int) -> di
     from dgemma.train.distributed import Distributed
     from dgemma.train.objective import LossTotals
     from dgemma.train.optim import build_optimizer
-    from dgemma.train.plan import Setup, memory
+    from dgemma.train.plan import Setup, activation_bytes, memory
 
     torch.manual_seed(0)
     out = Path(tempfile.mkdtemp())
@@ -97,8 +97,6 @@ def one(preset: str, fsdp: bool, lora: int, seq_len: int, batch_size: int) -> di
     figures = {"params_bytes": _local_bytes(step.parameters()), "grads_bytes": grads,
                "optimizer_bytes": _local_bytes(state), "saved_activation_bytes": activations}
     predicted = memory(config, Setup(dist.world_size, fsdp, False, lora, "float32", "float32", batch_size, seq_len))
-    from dgemma.train.plan import activation_bytes
-
     rows = len(mine)
     result = {"preset": preset, "setting": "fsdp" if fsdp else "unsharded", "lora": lora,
               "world_size": dist.world_size, "rank": dist.rank, **figures,

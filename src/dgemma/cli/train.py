@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS
-from ..train.config import DEFAULT_MODEL, DTYPES, FSDP_DTYPES
+from ..train.config import DEFAULT_MODEL, DTYPES, FSDP_DTYPES, TrainConfig
 from ..train.objective import WEIGHTINGS
 from .common import CLIError, pick_device
 
@@ -126,7 +126,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train.config import TrainConfig
     from ..train.loop import train
 
     if args.world_size is not None and not args.plan:
@@ -138,9 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"train needs {' and '.join(missing)}")
     if args.device is not None:
         pick_device(args.device)
-    # the options are named after TrainConfig's fields; the rest keep their defaults
-    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
-    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    cfg = _train_config(args)
     main_process = os.environ.get("RANK", "0") == "0"
     logger = logging.getLogger("dgemma.train")
     level = logger.level
@@ -152,6 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(checkpoint)
     return 0
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    # the options are named after TrainConfig's fields; the rest keep their defaults
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -196,12 +199,9 @@ def _plan(args: argparse.Namespace) -> int:
     from ..train.plan import Setup, format_plan
 
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    for flag, value in (("--world-size", world), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                        ("--accum", args.accum), ("--lora", args.lora + 1)):
-        if value < 1:
-            raise CLIError(f"{flag} must be >= {1 if flag != '--lora' else 0}, got {value - (flag == '--lora')}")
-    if args.fsdp_offload and not args.fsdp:
-        raise CLIError("--fsdp-offload needs --fsdp")
+    if world < 1:
+        raise CLIError(f"--world-size must be >= 1, got {world}")
+    _train_config(args).validate(world)  # the settings a run with them would refuse
     on_cpu = args.device is not None and args.device.startswith("cpu")
     compute = args.fsdp_dtype or ("float32" if on_cpu else "bfloat16")
     setup = Setup(world, args.fsdp, args.fsdp_offload, args.lora, args.dtype, compute, args.batch_size, args.seq_len,
