@@ -171,16 +171,20 @@ def test_sharded_checkpoints_resume_exactly_and_at_another_world_size(runs, corp
     assert state["step"] == 4 and state["config"]["fsdp"] is True
 
 
-def test_lora_shards_the_frozen_base_and_merges(corpus, tmp_path):
+def test_lora_shards_the_frozen_base_resumes_and_merges(corpus, tmp_path):
     data = ["--data", str(corpus), *ARGS, "--lora", "4", "--merge"]
     _run(_torchrun(2, *data, "--fsdp", "--out", str(tmp_path / "two")), _plain(*data, "--out", str(tmp_path / "one")))
-    assert_close_metrics(metrics(tmp_path / "two"), metrics(tmp_path / "one"), LOSS_REL)
+    resumed = _continue(tmp_path / "two", 2, tmp_path / "resumed")
+    _run(_torchrun(1, *data, "--fsdp", "--resume", "--out", str(resumed)))  # the adapters' shards, at 1 process
+    for run in ("two", "resumed"):
+        assert_close_metrics(metrics(tmp_path / run), metrics(tmp_path / "one"), LOSS_REL)
     checkpoint = tmp_path / "two" / "checkpoint-4"
     assert (checkpoint / "adapter_config.json").is_file()  # what `dgemma train merge` reads
-    for name in ("checkpoint-4/adapter_model.safetensors", "merged/model.safetensors"):
-        got, expected = (load_file(str(tmp_path / run / name)) for run in ("two", "one"))
-        assert got.keys() == expected.keys()
-        assert all(torch.allclose(got[k], expected[k], atol=WEIGHT_ATOL) for k in expected), name
+    for run in ("two", "resumed"):
+        for name in ("checkpoint-4/adapter_model.safetensors", "merged/model.safetensors"):
+            got, expected = (load_file(str(tmp_path / r / name)) for r in (run, "one"))
+            assert got.keys() == expected.keys()
+            assert all(torch.allclose(got[k], expected[k], atol=WEIGHT_ATOL) for k in expected), (run, name)
     # only the adapters (and AdamW's state for them) are in the shards: the frozen base is --model's
     index = torch.distributed.checkpoint.FileSystemReader(str(checkpoint / "shards")).read_metadata()
     names = {k for k in index.state_dict_metadata if k.startswith("model.") and not k.endswith("layer_scalar")}

@@ -114,8 +114,9 @@ def load_sharded(checkpoint: Path, model: DiffusionGemma, step: TrainingStep, op
     weights, optim = get_state_dict(step, optimizer, options=_options(lora))
     state = {"model": weights, "optimizer": optim}
     _dcp_load(state, checkpoint / SHARDS_DIR)
+    # LoRA: the frozen base is not in the shards (every adapter is: DCP refuses a key it cannot find)
     set_state_dict(step, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_options(lora))
+                   options=_options(lora, strict=not lora))
 
 
 def _dcp_load(state: dict, shards: Path, **kw: bool) -> None:
