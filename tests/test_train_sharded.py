@@ -94,12 +94,12 @@ def _continue(source: Path, step: int, out: Path, partial_save: bool = False) ->
 def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     """Four steps (checkpoints at 2 and 4, two micro-batches per step, clipping on) of: one unsharded process
     ("plain"), two sharded processes ("two"), one sharded process with activation checkpointing and CPU offload
-    ("one"); and "killed": "two" resumed from checkpoint-2 as a kill during the save of checkpoint-4 leaves it."""
+    ("one", which also exports its final model); and "killed": "two" resumed from checkpoint-2 as a kill during the save of checkpoint-4 leaves it."""
     root = tmp_path_factory.mktemp("runs")
     data = ["--data", str(corpus), *ARGS, "--out"]
     _run(_torchrun(2, *data, str(root / "two"), "--fsdp"), _plain(*data, str(root / "plain")))
     killed = _continue(root / "two", 2, root / "killed", partial_save=True)
-    _run(_torchrun(1, *data, str(root / "one"), "--fsdp", "--grad-checkpoint", "--fsdp-offload"),
+    _run(_torchrun(1, *data, str(root / "one"), "--fsdp", "--grad-checkpoint", "--fsdp-offload", "--export"),
          _torchrun(2, *data, str(killed), "--fsdp", "--resume"))
     return {name: root / name for name in ("plain", "two", "one", "killed")}
 
@@ -120,8 +120,9 @@ def test_one_sharded_process_is_the_unsharded_run_bit_for_bit(runs, tmp_path):
     """One process: the same sums in the same order, with activation checkpointing and CPU offload too."""
     assert metrics(runs["one"]) == metrics(runs["plain"])
     expected = load_file(str(runs["plain"] / "checkpoint-4" / "model.safetensors"))
-    got = export(runs["one"] / "checkpoint-4", tmp_path / "one")
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    for got in (export(runs["one"] / "checkpoint-4", tmp_path / "one"),
+                load_file(str(runs["one"] / "export" / "model.safetensors"))):  # --export
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @torch.no_grad()
