@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..config import PRESETS
-from ..train.config import DEFAULT_MODEL, DTYPES
+from ..train.config import DEFAULT_MODEL, DTYPES, FSDP_DTYPES, TrainConfig
 from ..train.objective import WEIGHTINGS
 from .common import CLIError, pick_device
 
@@ -24,6 +24,9 @@ adapter and tokenizer: `dgemma train merge` or --merge makes a loadable model), 
 OUT/loss_curve.png. Ctrl-C saves a checkpoint; --resume continues exactly.
 
 several processes: torchrun --nproc_per_node 2 -m dgemma train ... (the global --batch-size is split).
+Sharded (--fsdp: weights, gradients and optimizer state split over the processes): torchrun ... --fsdp; its
+checkpoints are sharded (any number of processes resumes them); `dgemma train export` or --export writes the
+Hugging Face layout. See docs/sharded-training.md.
 """
 
 
@@ -84,9 +87,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise (default 0)")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     run.add_argument("--device", help="torch device (default: cuda if available)")
+    sharding = t.add_argument_group("sharded training (FSDP, under torchrun)")
+    sharding.add_argument("--fsdp", action="store_true",
+                          help="shard weights, gradients and optimizer state over the processes (torchrun; nccl on "
+                               "CUDA, gloo on the CPU); checkpoints are sharded too")
+    sharding.add_argument("--fsdp-dtype", choices=FSDP_DTYPES, metavar="DTYPE",
+                          help="dtype the gathered weights compute in (bfloat16 or float32; default bfloat16 on "
+                               "CUDA, float32 on the CPU); gradients are reduced and weights kept in float32")
+    sharding.add_argument("--fsdp-offload", action="store_true",
+                          help="keep the weight shards, their gradients and the optimizer state in CPU memory")
+    sharding.add_argument("--export", action="store_true",
+                          help="with --fsdp: also write OUT/export, the final model in the Hugging Face layout")
+    sharding.add_argument("--plan", action="store_true",
+                          help="print the memory per process of this setup (parameters, gradients, optimizer "
+                               "state, activations at --batch-size x --seq-len) and of others, and which fit an "
+                               "80 GB GPU, from the model's config alone; trains nothing")
+    sharding.add_argument("--world-size", type=int, metavar="N",
+                          help="with --plan: the number of processes (default: torchrun's WORLD_SIZE, else 1)")
     t.set_defaults(func=cmd_train)
 
-    actions = t.add_subparsers(dest="train_command", title="actions", metavar="merge")
+    actions = t.add_subparsers(dest="train_command", title="actions", metavar="{merge,export}")
     m = actions.add_parser("merge", help="fold a LoRA adapter into its base model",
                            description="Write a full checkpoint: the base model with the adapter merged in.")
     m.add_argument("adapter", metavar="ADAPTER_DIR", help="a checkpoint directory of a --lora run")
@@ -95,20 +115,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="dtype the base is loaded, merged and written in (default float32)")
     m.set_defaults(func=cmd_merge)
+    e = actions.add_parser("export", help="write a sharded (--fsdp) checkpoint in the Hugging Face layout",
+                           description="Gather the shards of a `dgemma train --fsdp` checkpoint into one model "
+                                       "directory (safetensors, config, tokenizer) that dgemma generate, transformers "
+                                       "and vLLM load. One process; needs the whole model's memory.")
+    e.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="OUT/checkpoint-STEP of a --fsdp run")
+    e.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights (default float32)")
+    e.set_defaults(func=cmd_export)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train.config import TrainConfig
     from ..train.loop import train
 
+    if args.world_size is not None and not args.plan:
+        raise CLIError("--world-size needs --plan (a run's processes are the ones torchrun starts)")
+    if args.plan:
+        return _plan(args)
     missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if not value]
     if missing:
         raise CLIError(f"train needs {' and '.join(missing)}")
     if args.device is not None:
         pick_device(args.device)
-    # the options are named after TrainConfig's fields; the rest keep their defaults
-    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
-    cfg = TrainConfig(**{name: getattr(args, name) for name in names})
+    cfg = _train_config(args)
     main_process = os.environ.get("RANK", "0") == "0"
     logger = logging.getLogger("dgemma.train")
     level = logger.level
@@ -120,6 +149,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(checkpoint)
     return 0
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    # the options are named after TrainConfig's fields; the rest keep their defaults
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)]
+    return TrainConfig(**{name: getattr(args, name) for name in names})
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -149,4 +184,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merge_lora(model.model)
     model.save_pretrained(args.out)
     print(args.out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..train.sharded_checkpoint import export
+
+    print(export(Path(args.checkpoint), Path(args.out), args.dtype))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ..train.base import base_config
+    from ..train.plan import Setup, format_plan
+
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise CLIError(f"--world-size must be >= 1, got {world}")
+    _train_config(args).validate(world)  # the settings a run with them would refuse
+    on_cpu = args.device is not None and args.device.startswith("cpu")
+    compute = args.fsdp_dtype or ("float32" if on_cpu else "bfloat16")
+    setup = Setup(world, args.fsdp, args.fsdp_offload, args.lora, args.dtype, compute, args.batch_size, args.seq_len,
+                  args.accum, args.grad_checkpoint)
+    name = args.config_json or args.model
+    print(format_plan(base_config(args.model, args.config_json), name, setup))
     return 0

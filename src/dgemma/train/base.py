@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from ..api import DiffusionGemma
-from ..config import ConfigError, DiffusionGemmaConfig, preset
+from ..config import ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from ..model.model import DiffusionGemmaModel
 from ..shipped import resolve
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, byte_tokenizer
 
 
 def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | None = None,
@@ -22,15 +23,25 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
 
     `tokenizer_dir` (a folder with tokenizer.json) replaces the model's tokenizer; a randomly initialised model
     takes the tokenizer's vocabulary size, a checkpoint must already have room for it.
+
+    On the "meta" device: the model's structure, config and tokenizer without its weights (no memory, nothing
+    read but the config), which sharded training fills shard by shard.
     """
     tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir else None
     source = None if config_json is not None else _source(model)
+    meta = torch.device(device).type == "meta"
     if source is None:
         config = _config(model, config_json)
         if tokenizer is not None:
             text = dataclasses.replace(config.text_config, vocab_size=tokenizer.vocab_size)
             config = dataclasses.replace(config, text_config=text)
-        base = DiffusionGemma.from_config(config, seed=seed, dtype=dtype, device=device)
+        base = (_shell(config, GenerationConfig.for_model(config), byte_tokenizer() if _byte_vocab(config) else None,
+                       dtype) if meta else DiffusionGemma.from_config(config, seed=seed, dtype=dtype, device=device))
+    elif meta:
+        config = DiffusionGemmaConfig.load(source)
+        has_tokenizer = (source / "tokenizer.json").is_file()
+        base = _shell(config, GenerationConfig.load(source, config), Tokenizer.from_dir(source) if has_tokenizer
+                      else None, dtype)
     else:
         base = DiffusionGemma.from_pretrained(source, dtype=dtype, device=device)
     if tokenizer is not None:
@@ -41,6 +52,24 @@ def load_base(model: str, config_json: str | None = None, tokenizer_dir: str | N
     if base.tokenizer is None:
         raise ConfigError(f"model {model!r} comes without a tokenizer: pass --tokenizer DIR")
     return base
+
+
+def base_config(model: str, config_json: str | None = None) -> DiffusionGemmaConfig:
+    """The config of what `load_base` would load, read without its weights."""
+    source = None if config_json is not None else _source(model)
+    return _config(model, config_json) if source is None else DiffusionGemmaConfig.load(source)
+
+
+def _shell(config: DiffusionGemmaConfig, generation: GenerationConfig, tokenizer: Tokenizer | None,
+           dtype: torch.dtype | str) -> DiffusionGemma:
+    with torch.device("meta"):
+        model = DiffusionGemmaModel(config).to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return DiffusionGemma(model.requires_grad_(False).eval(), generation, tokenizer)
+
+
+def _byte_vocab(config: DiffusionGemmaConfig) -> bool:
+    """Whether `DiffusionGemma.from_config` gives this config the byte-level tokenizer (room for its ids)."""
+    return config.text_config.vocab_size >= 512
 
 
 def _source(model: str) -> Path | None:

@@ -12,8 +12,9 @@ DEFAULT_MODEL = "tiny"
 
 # settings a resumed run must share with the run it continues
 RESUME_FIXED = ("data", "ext", "eval_data", "holdout_frac", "pack", "seq_len", "batch_size", "seed", "model",
-                "config_json", "tokenizer", "lora", "lora_alpha", "dtype")
+                "config_json", "tokenizer", "lora", "lora_alpha", "dtype", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
+FSDP_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class TrainConfig:
     merge: bool = False
     dtype: str = "float32"  # of the frozen base weights under LoRA (trained weights are always float32)
     grad_checkpoint: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over the processes (FSDP2; under torchrun)
+    fsdp_dtype: str | None = None  # what gathered weights compute in; None: bfloat16 on CUDA, float32 on the CPU
+    fsdp_offload: bool = False  # keep the shards and the optimizer state in CPU memory
+    export: bool = False  # with fsdp: also write OUT/export, the final weights in the Hugging Face layout
     resume: bool = False
     device: str | None = None
 
@@ -71,6 +76,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
         if self.lora_alpha is not None and not (self.lora and 0 < self.lora_alpha < math.inf):
             raise ConfigError(f"--lora-alpha needs --lora and a number > 0, got {self.lora_alpha}")
+        self._validate_sharding(world_size)
         if self.batch_size < world_size * self.accum:
             raise ConfigError(f"batch size {self.batch_size} is smaller than processes x accumulation steps "
                               f"({world_size} x {self.accum})")
@@ -92,3 +98,18 @@ class TrainConfig:
         if self.config_json is not None and self.model != DEFAULT_MODEL:
             raise ConfigError(f"--config-json makes random weights, so --model {self.model} would be ignored: "
                               "pass one or the other")
+
+    def _validate_sharding(self, world_size: int) -> None:
+        for flag, on in (("--fsdp-dtype", self.fsdp_dtype is not None), ("--fsdp-offload", self.fsdp_offload),
+                         ("--export", self.export)):
+            if on and not self.fsdp:
+                raise ConfigError(f"{flag} needs --fsdp")
+        if self.fsdp_dtype is not None and self.fsdp_dtype not in FSDP_DTYPES:
+            raise ConfigError(f"--fsdp-dtype must be one of {', '.join(FSDP_DTYPES)}, got {self.fsdp_dtype!r}")
+        if self.export and self.lora:
+            raise ConfigError("--export writes a full model; with --lora, --merge does (the base with the adapter "
+                              "merged in)")
+        if self.fsdp and self.batch_size % world_size:
+            raise ConfigError(f"--fsdp needs a --batch-size that the {world_size} processes divide, got "
+                              f"{self.batch_size}: every process runs every pass, since each pass gathers the "
+                              "sharded weights from all of them")

@@ -3,7 +3,8 @@ checkpoints, exact resume, signals, data parallelism.
 
 Exactness: a step's batch comes from the `BatchStream` position and its noise from a generator seeded by
 (seed, step); the learning rate is a function of the step. So N steps straight, and N/2 steps + `--resume` +
-N/2 steps, produce the same weights, and so do 1 and 2 processes up to float summation order.
+N/2 steps, produce the same weights, and so do 1 and 2 processes up to float summation order, with replicated
+or sharded (`--fsdp`, `dgemma.train.sharded`) weights.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from .checkpoint import OPTIMIZER_FILE, TrainerState, last_checkpoint, save_chec
 from .config import RESUME_FIXED, TrainConfig
 from .data import DataError, read_records, split_records, tokenize
 from .distributed import Distributed
-from .lora import add_lora, load_adapter, merge_lora
-from .objective import SUM_KEYS, CanvasPlan, LossTotals, diffusion_gemma_loss, plan_canvases
+from .lora import adapter_base, add_lora, attach_adapter, load_adapter, merge_lora
+from .objective import SUM_KEYS, CanvasPlan, LossTotals, TrainingStep, plan_canvases
 from .optim import build_optimizer, set_lr, warmup_cosine
 from .report import CURVE_FILE, Reporter
+from .sharded import autocast, shard
+from .sharded_checkpoint import export, load_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -101,23 +104,34 @@ def _plan(batch: Batch, model: DiffusionGemma, cfg: TrainConfig, infill: InfillI
                          fill_id=infill.fill if infill else None, newline_ids=infill.newlines if infill else None)
 
 
-def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
+def _run_batch(step: TrainingStep, batch: Batch, plan: CanvasPlan, cfg: TrainConfig, dist: Distributed,
                backward: bool) -> dict[str, float]:
     """This process's rows of a global batch, `cfg.accum` micro-batches at a time (gradients accumulate when
-    `backward`); returns the global batch's losses."""
+    `backward`); returns the global batch's losses.
+
+    Sharded, every process runs every pass (each gathers the weights from all of them): whether the
+    self-conditioning pass runs is the global batch's choice, and a process without rows in a micro-batch (the
+    last held-out batch may be short; training batches are divided evenly) runs one stand-in row, not counted."""
     totals = LossTotals.of(batch, plan)
     sums = {k: torch.zeros((), dtype=torch.float64) for k in SUM_KEYS}
+    first_pass = bool(plan.self_cond.any()) if dist.sharded else None
     for rows in dist.my_rows(len(batch)).tensor_split(cfg.accum):
-        if rows.numel() == 0:
-            continue
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"):
-            loss, part = diffusion_gemma_loss(model.model, batch.rows(rows).to(dist.device),
-                                              plan.rows(rows).to(dist.device), totals, cfg.weighting,
-                                              cfg.diffusion_weight, cfg.ar_weight)
+        counted = rows.numel() > 0
+        if not counted:
+            if not dist.sharded:
+                continue
+            if backward:
+                raise AssertionError("sharded training needs rows on every process (TrainConfig.validate)")
+            rows = torch.zeros(1, dtype=torch.long)
+        precision = (autocast(cfg, dist.device) if dist.sharded else
+                     torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=dist.device.type == "cuda"))
+        with precision:
+            loss, part = step(batch.rows(rows).to(dist.device), plan.rows(rows).to(dist.device), totals, first_pass)
         if backward:
             loss.backward()
-        for k, v in part.items():
-            sums[k] += v.double().cpu()
+        if counted:
+            for k, v in part.items():
+                sums[k] += v.double().cpu()
     totals_all = dist.sum(sums)
     diffusion = totals_all["diffusion_sum"] / max(totals_all["canvas_tokens"], 1)
     ar = totals_all["ar_sum"] / max(totals_all["ar_tokens"], 1)
@@ -128,19 +142,19 @@ def _run_batch(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, cfg: Train
     return metrics
 
 
-def train_step(model: DiffusionGemma, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
+def train_step(step: TrainingStep, batch: Batch, plan: CanvasPlan, optimizer: torch.optim.Optimizer,
                params: list[torch.nn.Parameter], lr: float, cfg: TrainConfig, dist: Distributed) -> dict[str, float]:
-    metrics = _run_batch(model, batch, plan, cfg, dist, backward=True)
+    metrics = _run_batch(step, batch, plan, cfg, dist, backward=True)
     dist.sum_gradients(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+    grad_norm = dist.clip_gradients(params, cfg.clip)
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+    return {**metrics, "grad_norm": grad_norm, "lr": lr}
 
 
 @torch.no_grad()
-def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distributed,
+def evaluate(model: DiffusionGemma, step: TrainingStep, rows: Batch, cfg: TrainConfig, dist: Distributed,
              infill: InfillIds | None = None) -> dict[str, float]:
     """Mean loss over the first `eval_batches` batches of held-out rows, with the same noise every time (and the
     same mix of plain and infill canvases as training)."""
@@ -149,7 +163,7 @@ def evaluate(model: DiffusionGemma, rows: Batch, cfg: TrainConfig, dist: Distrib
     for i, start in enumerate(range(0, min(len(rows), cfg.eval_batches * cfg.batch_size), cfg.batch_size)):
         batch = rows.rows(torch.arange(start, min(start + cfg.batch_size, len(rows))))
         plan = _plan(batch, model, cfg, infill, EVAL_STREAM, i)
-        for k, v in _run_batch(model, batch, plan, cfg, dist, backward=False).items():
+        for k, v in _run_batch(step, batch, plan, cfg, dist, backward=False).items():
             totals[k] = totals.get(k, 0.0) + v
         n_batches += 1
     return {f"eval_{k}": v / n_batches for k, v in totals.items()}
@@ -167,12 +181,15 @@ def _jsonable(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Distributed) -> DiffusionGemma:
-    """The model to train: base weights (or a full checkpoint to resume), LoRA layers when asked."""
+def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Distributed,
+                 device: torch.device | None = None) -> DiffusionGemma:
+    """The model to train: base weights (or a full checkpoint to resume), LoRA layers when asked; on `device`
+    (default: the run's), where "meta" builds the structure only (`load_base`)."""
+    device = dist.device if device is None else device
     if resume_from is not None and not cfg.lora:
-        model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer, device=dist.device)
+        model = load_base(str(resume_from), tokenizer_dir=cfg.tokenizer, device=device)
     else:
-        model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed, cfg.dtype, dist.device)
+        model = load_base(cfg.model, cfg.config_json, cfg.tokenizer, cfg.seed, cfg.dtype, device)
     if model.config.text_config.pad_token_id is None:
         raise ConfigError(f"{cfg.model}: its config has no pad_token_id, which training needs (the target of canvas "
                           "places past the end of a text, and the filler of short rows)")
@@ -188,13 +205,39 @@ def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Di
         base = Path(cfg.model)
         if cfg.config_json is not None or not base.is_dir():  # random base weights: keep them for merging
             base = out / "base"
-            if dist.is_main and not base.is_dir():
+            if dist.is_main and device.type != "meta" and not base.is_dir():
                 model.save_pretrained(base)
         add_lora(model.model, cfg.lora, cfg.lora_alpha, str(base.resolve()), cfg.seed)
         if resume_from is not None:
             load_adapter(model.model, resume_from)
     model.model.gradient_checkpointing = cfg.grad_checkpoint
-    model.model.to(dist.device).train()
+    model.model.to(device).train()
+    return model
+
+
+def _setup_sharded(cfg: TrainConfig, out: Path, dist: Distributed) -> tuple[DiffusionGemma, TrainingStep]:
+    """The model and its sharded training step: every process builds the structure on the meta device; the main
+    process makes the weights on the CPU, as one process would (from --model, or drawn from the seed), and
+    sends each process its shards."""
+    model = _setup_model(cfg, None, out, dist, torch.device("meta"))
+    step = _training_step(model, cfg)
+    full = None
+    if dist.is_main:
+        source = _setup_model(cfg, None, out, dist, torch.device("cpu"))
+        full = _training_step(source, cfg).state_dict()
+        model.model.extra_tensors = source.model.extra_tensors
+    shard(step, full, cfg, dist)
+    return model, step
+
+
+def _training_step(model: DiffusionGemma, cfg: TrainConfig) -> TrainingStep:
+    return TrainingStep(model.model, cfg.weighting, cfg.diffusion_weight, cfg.ar_weight)
+
+
+def _merge_sharded(cfg: TrainConfig, checkpoint: Path) -> DiffusionGemma:
+    """The base with a sharded run's adapter (the peft files of its last checkpoint) merged in, on the CPU."""
+    model = load_base(adapter_base(checkpoint), tokenizer_dir=str(checkpoint), dtype=cfg.dtype)
+    attach_adapter(model.model, checkpoint)
     return model
 
 
@@ -202,7 +245,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or, with `cfg.resume`, continue) a training run; returns the last checkpoint directory.
     Raises KeyboardInterrupt after saving a checkpoint when stopped by SIGINT/SIGTERM."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist = Distributed.start(device)
+    dist = Distributed.start(device, sharded=cfg.fsdp)
     try:
         return _train(cfg, dist)
     finally:
@@ -224,11 +267,17 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
         state = dataclasses.replace(saved, config=state.config)
         log.info("resuming from %s", resume_from)
 
-    model = _setup_model(cfg, resume_from, out, dist)
+    if cfg.fsdp:
+        model, step = _setup_sharded(cfg, out, dist)
+    else:
+        model = _setup_model(cfg, resume_from, out, dist)
+        step = _training_step(model, cfg)
     infill = InfillIds.of(model.tokenizer, model.config.text_config.vocab_size) if cfg.infill_prob > 0 else None
-    params = [p for p in model.model.parameters() if p.requires_grad]
+    params = [p for p in step.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.lr, cfg.betas, cfg.weight_decay)
-    if resume_from is not None:
+    if resume_from is not None and cfg.fsdp:
+        load_sharded(resume_from, model, step, optimizer, lora=bool(cfg.lora))
+    elif resume_from is not None:
         optimizer.load_state_dict(torch.load(resume_from / OPTIMIZER_FILE, map_location=dist.device))
     train_rows, eval_rows = load_rows(cfg, model.tokenizer)
     if not len(eval_rows) and cfg.holdout_frac > 0 and dist.is_main:
@@ -238,7 +287,7 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
     reporter = Reporter(out, state.step, cfg.steps, cfg.log_every) if dist.is_main else None
 
     try:
-        Run(cfg, model, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
+        Run(cfg, model, step, optimizer, params, stream, eval_rows, state, out, dist, reporter, infill).loop()
     finally:
         if reporter:
             curve = reporter.close()
@@ -246,12 +295,17 @@ def _train(cfg: TrainConfig, dist: Distributed) -> Path:
                 log.info("loss curve: %s", curve)
             else:
                 log.warning("%s not drawn: it needs matplotlib (pip install 'dgemma[train]')", CURVE_FILE)
+    last = out / f"checkpoint-{state.step}"
     if cfg.merge and dist.is_main:
+        if cfg.fsdp:
+            model = _merge_sharded(cfg, last)
         merge_lora(model.model)
         model.model.requires_grad_(False).eval().cpu()
         model.save_pretrained(out / "merged")
         log.info("merged model: %s", out / "merged")
-    return out / f"checkpoint-{state.step}"
+    if cfg.export and dist.is_main:
+        log.info("exported model: %s", export(last, out / "export"))
+    return last
 
 
 @dataclass
@@ -260,6 +314,7 @@ class Run:
 
     cfg: TrainConfig
     model: DiffusionGemma
+    objective: TrainingStep  # the model's loss as one module (sharded, with `--fsdp`)
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     stream: BatchStream
@@ -279,12 +334,15 @@ class Run:
                 self.step()
                 if len(self.eval_rows) and (state.step % cfg.eval_every == 0 or state.step == cfg.steps):
                     record = {"step": state.step,
-                              **evaluate(self.model, self.eval_rows, cfg, self.dist, self.infill)}
+                              **evaluate(self.model, self.objective, self.eval_rows, cfg, self.dist, self.infill)}
                     if self.reporter:
                         self.reporter.eval(record)
                 stopping = self.dist.any(stop.requested)
                 if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
-                    if self.dist.is_main:
+                    if self.dist.sharded:
+                        save_sharded(self.out, self.model, self.objective, self.optimizer, state, bool(cfg.lora),
+                                     self.dist)
+                    elif self.dist.is_main:
                         save_checkpoint(self.out, self.model, self.optimizer, state, lora=bool(cfg.lora))
                     self.dist.barrier()
                 if stopping:
@@ -296,7 +354,7 @@ class Run:
         batch = self.stream.next()
         plan = _plan(batch, self.model, cfg, self.infill, TRAIN_STREAM, state.step)
         lr = warmup_cosine(state.step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-        metrics = train_step(self.model, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
+        metrics = train_step(self.objective, batch, plan, self.optimizer, self.params, lr, cfg, self.dist)
         state.step += 1
         state.epoch, state.position = self.stream.epoch, self.stream.position
         if self.reporter:

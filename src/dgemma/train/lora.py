@@ -52,10 +52,12 @@ def _adapters_in_fp32(model: nn.Module) -> None:
                 p.data = p.data.float()
 
 
-def save_adapter(model: nn.Module, directory: Path) -> None:
+def save_adapter(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`state`: the model's state dict to take the adapter from, where `model.state_dict()` would not hold plain
+    tensors (sharded training gathers it first)."""
     directory.mkdir(parents=True, exist_ok=True)
     model.peft_config["default"].save_pretrained(str(directory))
-    adapter = _peft().get_peft_model_state_dict(model, save_embedding_layers=False)
+    adapter = _peft().get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 

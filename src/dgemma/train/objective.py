@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..model.model import DiffusionGemmaModel
 from .batches import Batch
@@ -199,33 +200,59 @@ def canvas_weights(t: torch.Tensor, weighting: str, max_weight: float = 10.0) ->
     raise ValueError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
 
 
+class TrainingStep(nn.Module):
+    """The whole objective as one module: `forward` runs the encoder pass, the decoder passes with
+    self-conditioning and both losses. Training calls this module (never the model's passes directly), so hooks on
+    it and on the model's layers (FSDP's gather and free of sharded weights) see every use of the weights the
+    encoder and decoder share: the stack runs up to three times per step and the embedding is the LM head too.
+    """
+
+    def __init__(self, model: DiffusionGemmaModel, weighting: str = "unweighted", diffusion_weight: float = 1.0,
+                 ar_weight: float = 1.0):
+        super().__init__()
+        if diffusion_weight < 0 or ar_weight < 0 or diffusion_weight == ar_weight == 0:
+            raise ValueError(f"need weights >= 0, not both 0 (diffusion {diffusion_weight}, ar {ar_weight})")
+        self.model = model
+        self.weighting, self.diffusion_weight, self.ar_weight = weighting, diffusion_weight, ar_weight
+
+    def forward(self, batch: Batch, plan: CanvasPlan, totals: LossTotals, first_pass: bool | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """diffusion_weight * decoder CE + ar_weight * encoder AR CE for these rows, each a sum over tokens divided
+        by the global batch's count (`totals`). Also returns the detached sums and counts (`diffusion_sum`,
+        `ar_sum`, `canvas_tokens`, `ar_tokens`) for reporting; sum them over micro-batches and processes.
+
+        `first_pass`: whether the self-conditioning pass runs; by default where any of these rows self-conditions.
+        Sharded training passes the same answer on every process (the global batch's), since each pass gathers
+        the weights with the others; a row without self-conditioning then gets a zero signal, which the model
+        maps to exactly what it computes without one."""
+        model = self.model
+        hidden, sequence_kv = model.encode_sequence(batch.tokens)
+        ar_mask = batch.loss_mask[:, 1:]
+        ar_logits = model.logits(hidden[:, :-1][ar_mask])
+        ar_sum = F.cross_entropy(ar_logits, batch.tokens[:, 1:][ar_mask], reduction="sum")
+
+        if self.diffusion_weight == 0:  # AR only: no decoder pass
+            diffusion_sum = torch.zeros((), device=ar_sum.device, dtype=ar_sum.dtype)
+        else:
+            context = sequence_kv.at(plan.start)
+            first = None
+            if bool(plan.self_cond.any()) if first_pass is None else first_pass:
+                with torch.no_grad():
+                    first = model.denoise(plan.canvas, context)
+            logits = model.denoise(plan.canvas, context, first, plan.self_cond if first is not None else None)
+            ce = F.cross_entropy(logits[plan.valid], plan.target[plan.valid], reduction="none")
+            weights = canvas_weights(plan.t, self.weighting)[:, None].expand_as(plan.valid)[plan.valid]
+            diffusion_sum = (ce * weights).sum()
+
+        loss = (self.diffusion_weight * diffusion_sum / totals.canvas_tokens
+                + self.ar_weight * ar_sum / totals.ar_tokens)
+        sums = {"diffusion_sum": diffusion_sum.detach(), "ar_sum": ar_sum.detach(),
+                "canvas_tokens": plan.valid.sum(), "ar_tokens": ar_mask.sum()}
+        return loss, sums
+
+
 def diffusion_gemma_loss(model: DiffusionGemmaModel, batch: Batch, plan: CanvasPlan, totals: LossTotals,
                          weighting: str = "unweighted", diffusion_weight: float = 1.0,
                          ar_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """diffusion_weight * decoder CE + ar_weight * encoder AR CE for these rows, each a sum over tokens divided by
-    the global batch's count. Also returns the detached sums and counts (`diffusion_sum`, `ar_sum`,
-    `canvas_tokens`, `ar_tokens`) for reporting; sum them over micro-batches and processes."""
-    if diffusion_weight < 0 or ar_weight < 0 or diffusion_weight == ar_weight == 0:
-        raise ValueError(f"need weights >= 0, not both 0 (diffusion {diffusion_weight}, ar {ar_weight})")
-    hidden, sequence_kv = model.encode_sequence(batch.tokens)
-    ar_mask = batch.loss_mask[:, 1:]
-    ar_logits = model.logits(hidden[:, :-1][ar_mask])
-    ar_sum = F.cross_entropy(ar_logits, batch.tokens[:, 1:][ar_mask], reduction="sum")
-
-    if diffusion_weight == 0:  # AR only: no decoder pass
-        diffusion_sum = torch.zeros((), device=ar_sum.device, dtype=ar_sum.dtype)
-    else:
-        context = sequence_kv.at(plan.start)
-        first_pass = None
-        if bool(plan.self_cond.any()):
-            with torch.no_grad():
-                first_pass = model.denoise(plan.canvas, context)
-        logits = model.denoise(plan.canvas, context, first_pass, plan.self_cond if first_pass is not None else None)
-        ce = F.cross_entropy(logits[plan.valid], plan.target[plan.valid], reduction="none")
-        weights = canvas_weights(plan.t, weighting)[:, None].expand_as(plan.valid)[plan.valid]
-        diffusion_sum = (ce * weights).sum()
-
-    loss = diffusion_weight * diffusion_sum / totals.canvas_tokens + ar_weight * ar_sum / totals.ar_tokens
-    sums = {"diffusion_sum": diffusion_sum.detach(), "ar_sum": ar_sum.detach(),
-            "canvas_tokens": plan.valid.sum(), "ar_tokens": ar_mask.sum()}
-    return loss, sums
+    """`TrainingStep(model, ...)(batch, plan, totals)`: the loss of these rows and its sums, for one call."""
+    return TrainingStep(model, weighting, diffusion_weight, ar_weight)(batch, plan, totals)
