@@ -24,6 +24,7 @@ from ..config import FULL, SLIDING, DiffusionGemmaConfig
 from .kv_cache import KVCache, write_layer
 from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
 from .traced import TracedPasses
+from .vision import VisionEmbedder, VisionTower, soft_token_counts
 from .vocab import VocabMatmuls
 
 
@@ -52,8 +53,10 @@ class DiffusionGemmaModel(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t.hidden_size, t.intermediate_size, t.rms_norm_eps)
         self.init_rope()
-        # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
-        self.extra_tensors: dict[str, torch.Tensor] = {}
+        vision = config.vision_config  # the checkpoint's `model.encoder.vision_tower` / `embed_vision`
+        self.vision_tower = VisionTower(vision) if vision is not None else None
+        self.embed_vision = VisionEmbedder(vision, t.hidden_size) if vision is not None else None
+        self.vision_mask = "gemma4"  # how image tokens attend in the encoder: `VISION_MASKS` (dgemma.config)
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
         self._vocab_rows: dict[tuple, bool] = {}  # vocab_rows_exact's answers
         self._passes = TracedPasses(self)
@@ -141,6 +144,14 @@ class DiffusionGemmaModel(nn.Module):
             else:
                 x = layer(x, layer_attend, decoder=decoder, split=split)
         return self.norm(x)
+
+    def image_features(self, pixels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """The vision tower and `embed_vision` over images [N, P, 3 * patch**2] with patch positions [N, P, 2]:
+        each image's soft tokens [tokens, text hidden] (transformers' `get_image_features(...).pooler_output`)."""
+        if self.vision_tower is None:
+            raise ValueError("this checkpoint has no vision tower (no vision_config): it reads text only")
+        features = self.embed_vision(self.vision_tower(pixels.to(self.device), positions.to(self.device)))
+        return list(features.split(soft_token_counts(positions, self.vision_tower.config.pooling_kernel_size)))
 
     # -- passes ----------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
