@@ -114,7 +114,7 @@ def _decode(data: bytes) -> Any:
 
 def _from_array(array: np.ndarray) -> Any:
     Image = _pil()
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] > 4:
         array = np.moveaxis(array, 0, -1)  # channels first -> last
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]

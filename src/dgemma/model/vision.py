@@ -18,12 +18,25 @@ Pixels arrive as the image processor gives them (`dgemma.media`): `[images, max_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
 from .layers import RMSNorm, gelu_tanh
+
+
+@dataclass
+class EncoderMedia:
+    """What an encoder pass needs of a batch's images: the soft tokens `embeds` [N, text hidden] that replace the
+    token embeddings at `slots` [B, T] (True N times, filled row by row), and `blocks` [B, T]: the image or video
+    frame each token belongs to (-1: none), whose tokens attend to each other both ways."""
+
+    embeds: torch.Tensor
+    slots: torch.Tensor
+    blocks: torch.Tensor
 
 
 class Projection(nn.Module):
