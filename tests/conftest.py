@@ -120,3 +120,26 @@ def vision_checkpoint(tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "video_token_id": VIDEO_TOKEN_ID}))
     return path, model
+
+
+@pytest.fixture(scope="session")
+def vision_model_dir(vision_checkpoint, tmp_path_factory):
+    """The tiny vision model with a (byte-level) tokenizer beside it: what the processor, CLI and server need."""
+    import shutil
+
+    from dgemma.tokenizer import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("vision-tok")
+    shutil.copytree(vision_checkpoint[0], path, dirs_exist_ok=True)
+    byte_tokenizer().save(path)
+    return path
+
+
+def write_picture(path, w: int = 50, h: int = 30, seed: int = 0):
+    """A random RGB PNG at `path`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ import dgemma
 from dgemma.media import MediaError
 from dgemma.media.sources import MediaPolicy
 from dgemma.processor import MediaLimits
-from dgemma.tokenizer import byte_tokenizer
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
@@ -24,12 +22,8 @@ IMG, BOI, EOI = VISION_IDS["image_token_id"], VISION_IDS["boi_token_id"], VISION
 
 
 @pytest.fixture(scope="module")
-def checkpoint(vision_checkpoint, tmp_path_factory):
-    """The tiny vision model with a (byte-level) tokenizer beside it."""
-    path = tmp_path_factory.mktemp("vision-tok")
-    shutil.copytree(vision_checkpoint[0], path, dirs_exist_ok=True)
-    byte_tokenizer().save(path)
-    return path
+def checkpoint(vision_model_dir):
+    return vision_model_dir
 
 
 def _picture(w=50, h=30, seed=0):
