@@ -13,6 +13,7 @@ tokenizer works, whether or not it knows Gemma 4's special tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class Processor:
         self.max_soft_tokens = check_budget(max_soft_tokens)
         self.num_frames, self.fps = num_frames, fps
         self.limits = limits or MediaLimits()
+        if self.limits.policy.max_bytes is None and self.limits.max_bytes is not None:  # one bound on bytes read
+            self.limits = dataclasses.replace(self.limits, policy=dataclasses.replace(self.limits.policy,
+                                                                                      max_bytes=self.limits.max_bytes))
         vision = config.vision_config
         self.image_processor = None if vision is None else ImageProcessor(
             vision.patch_size, vision.pooling_kernel_size, self.max_soft_tokens, self.limits.max_pixels)

@@ -17,7 +17,7 @@ import torch
 
 from ..config import ConfigError
 from ..model.model import DiffusionGemmaModel
-from ..model.vision import EncoderMedia
+from ..model.vision import EncoderMedia, soft_token_counts
 
 IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
@@ -30,10 +30,6 @@ class PromptMedia:
     embeds: torch.Tensor
     slots: torch.Tensor
     blocks: torch.Tensor
-
-    @property
-    def soft_tokens(self) -> int:
-        return int(self.slots.sum())
 
 
 def _runs(flags: list[bool]) -> list[int]:
@@ -60,17 +56,51 @@ def _blocks(types: list[int]) -> torch.Tensor:
     return torch.tensor(blocks, dtype=torch.long)
 
 
-def _features(model: DiffusionGemmaModel, pixels, positions, what: str) -> list[torch.Tensor]:
+def _checked(model: DiffusionGemmaModel, pixels, positions, what: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pixels, positions) as tensors of the shapes the tower takes, or None without pixels."""
     if pixels is None:
-        return []
+        return None
     pixels, positions = torch.as_tensor(pixels), torch.as_tensor(positions)
-    if positions is None or pixels.dim() != 3 or positions.shape != (*pixels.shape[:2], 2):
-        raise ConfigError(f"{what}: pixel values must be [images, patches, values] with positions [images, patches, 2]"
-                          f", got {list(pixels.shape)} and {None if positions is None else list(positions.shape)}")
-    try:
-        return model.image_features(pixels.float(), positions.long())
-    except ValueError as e:  # no tower, or patch counts the pooling cannot take
-        raise ConfigError(str(e)) from None
+    vision = model.config.vision_config
+    k, width = vision.pooling_kernel_size, 3 * vision.patch_size ** 2
+    if pixels.dim() != 3 or pixels.shape[2] != width or positions.shape != (*pixels.shape[:2], 2) \
+            or pixels.shape[1] % k ** 2:
+        raise ConfigError(f"{what}: pixel values must be [images, patches, {width}] (patches a multiple of {k ** 2}) "
+                          f"with positions [images, patches, 2], got {list(pixels.shape)} and {list(positions.shape)}")
+    return pixels.float(), positions.long()
+
+
+def check_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
+                mm_token_type_ids: Sequence[Sequence[int]] | None = None, pixel_values=None, image_position_ids=None,
+                pixel_values_videos=None, video_position_ids=None) -> dict | None:
+    """Raise `ConfigError` unless the prompts' placeholders and the given images match (without running the tower);
+    returns {token id: (what, checked pixels and positions or None, soft tokens per image)}, None without media."""
+    cfg = model.config
+    image_id, video_id = cfg.image_token_id, cfg.video_token_id
+    no_pixels = pixel_values is None and pixel_values_videos is None
+    if model.vision_tower is None:  # a text-only model reads soft-token ids as any other token
+        if no_pixels:
+            return None
+        raise ConfigError("this checkpoint has no vision tower (no vision_config): it reads text only")
+    if no_pixels and not any(t in (image_id, video_id) for p in prompts for t in p):
+        return None
+    if image_position_ids is None and pixel_values is not None or \
+            video_position_ids is None and pixel_values_videos is not None:
+        raise ConfigError("pixel values need their patch positions (image_position_ids / video_position_ids)")
+    if mm_token_type_ids is not None and [len(t) for t in mm_token_type_ids] != [len(p) for p in prompts]:
+        raise ConfigError("mm_token_type_ids must have the shape of input_ids")
+    kinds = {}
+    for token, what, pixels, positions in ((image_id, "image", pixel_values, image_position_ids),
+                                           (video_id, "video", pixel_values_videos, video_position_ids)):
+        checked = _checked(model, pixels, positions, what + "s")
+        counts = [] if checked is None else soft_token_counts(checked[1], cfg.vision_config.pooling_kernel_size)
+        runs = [n for p in prompts for n in _runs([t == token for t in p])]
+        if runs != counts:
+            raise ConfigError(f"the prompt holds {len(runs)} {what}(s) of {runs} soft tokens but {len(counts)} "
+                              f"{what}(s) of {counts} were given (each <|{what}|> placeholder needs one {what}, "
+                              f"expanded by the processor)")
+        kinds[token] = (what, checked, counts)
+    return kinds
 
 
 def prompt_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
@@ -79,20 +109,14 @@ def prompt_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
                  ) -> list[PromptMedia | None] | None:
     """Per prompt its media (None for a prompt without); None when no prompt has any. Raises `ConfigError` when the
     placeholders and the images do not match (counts, or the soft tokens of each image)."""
+    kinds = check_media(model, prompts, mm_token_type_ids, pixel_values, image_position_ids, pixel_values_videos,
+                        video_position_ids)
+    if kinds is None:
+        return None
     cfg = model.config
     image_id, video_id = cfg.image_token_id, cfg.video_token_id
-    has_soft = any(t in (image_id, video_id) for p in prompts for t in p)
-    if pixel_values is None and pixel_values_videos is None and not has_soft:
-        return None
-    if model.vision_tower is None:
-        raise ConfigError("this checkpoint has no vision tower (no vision_config): it reads text only")
-    if image_position_ids is None and pixel_values is not None or \
-            video_position_ids is None and pixel_values_videos is not None:
-        raise ConfigError("pixel values need their patch positions (image_position_ids / video_position_ids)")
-    per_kind = {image_id: ("image", _features(model, pixel_values, image_position_ids, "images")),
-                video_id: ("video", _features(model, pixel_values_videos, video_position_ids, "videos"))}
-    if mm_token_type_ids is not None and [len(t) for t in mm_token_type_ids] != [len(p) for p in prompts]:
-        raise ConfigError("mm_token_type_ids must have the shape of input_ids")
+    features = {token: [] if checked is None else model.image_features(*checked)
+                for token, (_, checked, _) in kinds.items()}
     out: list[PromptMedia | None] = []
     taken = {image_id: 0, video_id: 0}
     for r, prompt in enumerate(prompts):
@@ -102,29 +126,17 @@ def prompt_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
             out.append(None)
             continue
         embeds = torch.empty(len(soft), model.text.hidden_size, dtype=model.dtype, device=model.device)
-        for token, (what, features) in per_kind.items():
-            runs = _runs([t == token for t in prompt])
-            given = features[taken[token]:taken[token] + len(runs)]
-            if [len(f) for f in given] != runs:
-                raise ConfigError(_mismatch(what, features, prompts, token))
-            taken[token] += len(runs)
-            if given:  # this kind's soft tokens, in order, into its slots
-                embeds[torch.tensor([t == token for t in soft])] = torch.cat(given).to(embeds.dtype)
+        for token, given in features.items():
+            n = len(_runs([t == token for t in prompt]))
+            if n:  # this kind's soft tokens, in order, into its slots
+                embeds[torch.tensor([t == token for t in soft])] = torch.cat(given[taken[token]:taken[token] + n]
+                                                                             ).to(embeds.dtype)
+            taken[token] += n
         types = list(mm_token_type_ids[r]) if mm_token_type_ids is not None else \
             [IMAGE_TYPE if t == image_id else VIDEO_TYPE if t == video_id else 0 for t in prompt]
         slots = torch.tensor([t in (image_id, video_id) for t in prompt], dtype=torch.bool)
         out.append(PromptMedia(embeds, slots, _blocks(types)))
-    for token, (what, features) in per_kind.items():
-        if taken[token] != len(features):
-            raise ConfigError(_mismatch(what, features, prompts, token))
     return out
-
-
-def _mismatch(what: str, features: list[torch.Tensor], prompts: Sequence[Sequence[int]], token: int) -> str:
-    runs = [n for p in prompts for n in _runs([t == token for t in p])]
-    return (f"the prompt holds {len(runs)} {what}(s) of {runs} soft tokens but {len(features)} {what}(s) of "
-            f"{[len(f) for f in features]} were given (each <|{what}|> placeholder needs one {what}, expanded by "
-            f"the processor)")
 
 
 def batch_media(media: Sequence[PromptMedia | None], width: int, device: torch.device) -> EncoderMedia | None:
