@@ -296,6 +296,13 @@ class VisionConfig:
         return cls(**known, extra={k: v for k, v in d.items() if k not in _VISION_FIELDS})
 
 
+def gemma4_vision() -> VisionConfig:
+    """The vision tower of google/diffusiongemma-26B-A4B-it (Gemma 4's: ~573M parameters)."""
+    return VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                        num_key_value_heads=16, head_dim=72, standardize=True,
+                        extra={"default_output_length": 280, "global_head_dim": 72})
+
+
 _VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)} - {"extra"}
 _VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "pooling_kernel_size", "patch_size", "position_embedding_size")
