@@ -6,7 +6,8 @@
 Each case runs in a fresh process (so that its peak memory is its own): the tower and `embed_vision` of
 google/diffusiongemma-26B-A4B-it (27 layers, width 1152, ~573M parameters) with random weights, fed by dgemma's
 processor. `processor_s`: decoding, resizing and patchifying; `tower_s`: the tower over every patch (padding
-included, as the reference runs it), median of `--repeat` runs after one warm-up. Prints one JSON object.
+included, as the reference runs it), median of `--repeat` runs after `--warmup` untimed ones. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_case(what: str, dtype: str, device: str, repeat: int) -> dict:
+def run_case(what: str, dtype: str, device: str, repeat: int, warmup: int) -> dict:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -64,9 +65,9 @@ def run_case(what: str, dtype: str, device: str, repeat: int) -> dict:
         return embed(tower(pixels, positions))
 
     times = []
-    for i in range(repeat + 1):
+    for i in range(warmup + repeat):
         out, seconds = timed(encode, device)
-        if i:
+        if i >= warmup:
             times.append(seconds)
     result = {"what": what, "items": len(sources), "budget": budget, "patches_per_item": pixels.shape[1],
               "soft_tokens": int(out.shape[0]), "parameters": parameters, "dtype": dtype, "processor_s": processor_s,
@@ -82,18 +83,20 @@ def main() -> None:
     parser.add_argument("--what", choices=("image", "video", "both"), default="both")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs (default 1)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed runs first (default 0; use 1+ on a GPU)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what != "both":
-        print(json.dumps(run_case(args.what, args.dtype, args.device, args.repeat)))
+        print(json.dumps(run_case(args.what, args.dtype, args.device, args.repeat, args.warmup)))
         return
     cases = []
     for what in ("image", "video"):
         cmd = [sys.executable, __file__, "--what", what, "--dtype", args.dtype, "--device", args.device,
-               "--repeat", str(args.repeat), *(["--threads", str(args.threads)] if args.threads else [])]
+               "--repeat", str(args.repeat), "--warmup", str(args.warmup),
+               *(["--threads", str(args.threads)] if args.threads else [])]
         cases.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     print(json.dumps({"machine": machine_info(args.device), "cases": cases}, indent=2))
 

@@ -131,3 +131,39 @@ def test_text_only_checkpoint_refuses_images(tmp_path):
     with pytest.raises(MediaError, match="no vision tower"):
         model.processor(text="<|image|>", images=[_picture()])
     assert model.processor(text="plain text")["input_ids"].shape[0] == 1
+
+
+def test_allowed_hosts_are_fetched_and_redirects_refused(checkpoint):
+    """A local HTTP server stands in for an allowed media host."""
+    import http.server
+    import threading
+
+    data = _png(_picture())
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            if self.path == "/a.png":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            else:
+                self.send_response(302)
+                self.send_header("Location", "http://example.com/a.png")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        limits = MediaLimits(policy=MediaPolicy(allowed_domains=("127.0.0.1",)))
+        processor = dgemma.Processor.from_pretrained(checkpoint, limits=limits)
+        fetched = processor(text="<|image|>", images=[f"{base}/a.png"])
+        assert torch.equal(fetched["pixel_values"], processor(text="<|image|>", images=[data])["pixel_values"])
+        with pytest.raises(MediaError, match="redirected to http://example.com/a.png"):
+            processor(text="<|image|>", images=[f"{base}/moved.png"])
+    finally:
+        server.shutdown()

@@ -125,9 +125,15 @@ def _fetch(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError(f"media URL host {host!r} is not allowed (allowed: "
                          f"{', '.join(policy.allowed_domains) or 'none; send a data: URL'})")
     limit = policy.max_bytes
+    opener = urllib.request.build_opener(_NoRedirect)  # a redirect could lead to a host that is not allowed
     try:
-        with urllib.request.urlopen(url, timeout=policy.fetch_timeout_s) as response:  # noqa: S310 (http(s) only)
+        with opener.open(url, timeout=policy.fetch_timeout_s) as response:
             data = response.read(None if limit is None else limit + 1)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise MediaError(f"cannot fetch {url}: {getattr(e, 'reason', e)}") from None
     return _check_size(data, policy)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        raise urllib.error.URLError(f"redirected to {newurl}; media URLs are not followed through redirects")
