@@ -74,7 +74,7 @@ def check_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
                 mm_token_type_ids: Sequence[Sequence[int]] | None = None, pixel_values=None, image_position_ids=None,
                 pixel_values_videos=None, video_position_ids=None) -> dict | None:
     """Raise `ConfigError` unless the prompts' placeholders and the given images match (without running the tower);
-    returns {token id: (what, checked pixels and positions or None, soft tokens per image)}, None without media."""
+    returns {soft token id: its (pixels, positions) or None}, None without media."""
     cfg = model.config
     image_id, video_id = cfg.image_token_id, cfg.video_token_id
     no_pixels = pixel_values is None and pixel_values_videos is None
@@ -99,7 +99,7 @@ def check_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
             raise ConfigError(f"the prompt holds {len(runs)} {what}(s) of {runs} soft tokens but {len(counts)} "
                               f"{what}(s) of {counts} were given (each <|{what}|> placeholder needs one {what}, "
                               f"expanded by the processor)")
-        kinds[token] = (what, checked, counts)
+        kinds[token] = checked
     return kinds
 
 
@@ -115,8 +115,7 @@ def prompt_media(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]],
         return None
     cfg = model.config
     image_id, video_id = cfg.image_token_id, cfg.video_token_id
-    features = {token: [] if checked is None else model.image_features(*checked)
-                for token, (_, checked, _) in kinds.items()}
+    features = {token: [] if checked is None else model.image_features(*checked) for token, checked in kinds.items()}
     out: list[PromptMedia | None] = []
     taken = {image_id: 0, video_id: 0}
     for r, prompt in enumerate(prompts):
