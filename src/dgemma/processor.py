@@ -87,7 +87,7 @@ class Processor:
     # -- chat ------------------------------------------------------------------------------------
     def apply_chat_template(self, conversation: Sequence[dict[str, Any]], tokenize: bool = False,
                             return_dict: bool = False, add_generation_prompt: bool = True,
-                            enable_thinking: bool = False, return_tensors: str | None = "pt",
+                            enable_thinking: bool = False, return_tensors: str = "pt",
                             **template_kwargs: Any) -> str | list[int] | BatchFeature:
         """Render a conversation whose contents may hold image and video parts. `tokenize=False`: the prompt text
         (placeholders not expanded); `tokenize=True`: its ids; with `return_dict=True` as well: every model
@@ -97,7 +97,8 @@ class Processor:
                                                   enable_thinking=enable_thinking, **template_kwargs)
         if not tokenize:
             return text
-        inputs = self(text=text, images=images or None, videos=videos or None, add_bos=False)
+        inputs = self(text=text, images=images or None, videos=videos or None, add_bos=False,
+                      return_tensors=return_tensors)
         return inputs if return_dict else inputs["input_ids"][0].tolist()
 
     def split_media(self, conversation: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list, list]:
@@ -123,11 +124,14 @@ class Processor:
 
     # -- text and media to inputs ----------------------------------------------------------------
     def __call__(self, text: str | Sequence[str] | None = None, images: Sequence[Any] | None = None,
-                 videos: Sequence[Any] | None = None, add_bos: bool = True, return_tensors: str | None = "pt",
-                 **kwargs: Any) -> BatchFeature:
+                 videos: Sequence[Any] | None = None, add_bos: bool = True, return_tensors: str = "pt",
+                 max_soft_tokens: int | None = None) -> BatchFeature:
         """Model inputs for prompts (one string or a batch) with their images and videos, in order of their
         placeholders (images: a flat list over the batch, or one list per prompt; videos: a flat list, each video
-        a path, bytes, URL or list of frames). Rows are left-padded."""
+        a path, bytes, URL or list of frames). Rows are left-padded. `max_soft_tokens`: this call's image budget.
+        Tensors are PyTorch's (`return_tensors="pt"`, the only kind)."""
+        if return_tensors != "pt":
+            raise MediaError(f"return_tensors must be 'pt', got {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text or [])
         flat_images = _flatten_images(images)
         flat_videos = _flatten_videos(videos)
@@ -146,8 +150,7 @@ class Processor:
         out = BatchFeature()
         image_tokens: list[int] = []
         if flat_images:
-            processed = self.image_processor([self._source(i) for i in flat_images],
-                                             max_soft_tokens=kwargs.get("max_soft_tokens"))
+            processed = self.image_processor([self._source(i) for i in flat_images], max_soft_tokens=max_soft_tokens)
             out["pixel_values"] = torch.from_numpy(processed.pixel_values)
             out["image_position_ids"] = torch.from_numpy(processed.image_position_ids)
             image_tokens = processed.num_soft_tokens_per_image
