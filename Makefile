@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of PyTorch first: an unpinned torch could pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install dev demo test bench clean
+.PHONY: install dev demo test bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ dev: $(VENV)/.dev
 demo: install
 	$(VENV)/bin/dgemma generate --model models/dgemma-code-tiny --seed 0 --max-new-tokens 96 "def fibonacci(n):"
 
-test: dev
+# the playground's browser tests drive Debian's chromium (Playwright's own browser download is not reachable)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: dev chromium
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

@@ -78,3 +78,68 @@ def reference_checkpoint(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# A tiny model that reads images (VISION.md's recipe): an image of 60 soft tokens is longer than the sliding window
+# (8), a full-attention layer sits between sliding ones, and the tensors transformers initialises to constants are
+# perturbed so that a mix-up of any of them shows.
+VISION_TEXT = dict(sliding_window=8, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+VISION_TOWER = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                    position_embedding_size=160, standardize=True)
+VISION_IDS = dict(image_token_id=500, boi_token_id=501, eoi_token_id=502)
+VIDEO_TOKEN_ID = 503  # written into config.json after saving: transformers' DiffusionGemmaConfig has no such field
+
+
+def build_vision_reference(canvas_length: int = 8, seed: int = 0):
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    cfg = DiffusionGemmaConfig(text_config={**TEXT_BASE, **VISION_TEXT}, vision_config=VISION_TOWER,
+                               canvas_length=canvas_length, **VISION_IDS)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("position_embedding_table", "std_bias")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+            elif name.endswith(("norm.weight", "std_scale")):
+                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="session")
+def vision_checkpoint(tmp_path_factory):
+    """(path, transformers model) of the tiny vision model, saved by transformers' `save_pretrained`."""
+    pytest.importorskip("transformers")
+    import json
+
+    path = tmp_path_factory.mktemp("vision")
+    model = build_vision_reference()
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "video_token_id": VIDEO_TOKEN_ID}))
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def vision_model_dir(vision_checkpoint, tmp_path_factory):
+    """The tiny vision model with a (byte-level) tokenizer beside it: what the processor, CLI and server need."""
+    import shutil
+
+    from dgemma.tokenizer import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("vision-tok")
+    shutil.copytree(vision_checkpoint[0], path, dirs_exist_ok=True)
+    byte_tokenizer().save(path)
+    return path
+
+
+def write_picture(path, w: int = 50, h: int = 30, seed: int = 0):
+    """A random RGB PNG at `path`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path

@@ -146,7 +146,7 @@ def test_dgemma_save_loads_in_transformers(reference_checkpoint, tmp_path):
     again = dgemma.DiffusionGemma.from_pretrained(tmp_path).model
     for (n, p), q in zip(model.model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), n
-    assert set(again.extra_tensors) == set(model.model.extra_tensors) != set()
+    assert any(n.startswith("vision_tower.") for n in again.state_dict())  # the vision tower round-trips too
 
 
 def test_batch_with_rows_stopping_apart_reproduces_transformers(reference_checkpoint, monkeypatch):

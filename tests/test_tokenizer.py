@@ -131,8 +131,8 @@ def test_chat_template_tokenize(tok: Tokenizer) -> None:
 def test_chat_template_rejects_unsupported(tok: Tokenizer) -> None:
     with pytest.raises(TemplateError, match="role 'tool'"):
         tok.apply_chat_template([{"role": "tool", "content": "42"}])
-    with pytest.raises(TemplateError, match="only text content"):
-        tok.apply_chat_template([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}])
+    with pytest.raises(TemplateError, match="takes text, image and video content, not audio"):
+        tok.apply_chat_template([{"role": "user", "content": [{"type": "audio", "url": "x.wav"}]}])
     with pytest.raises(TemplateError, match="no tool support"):
         tok.apply_chat_template([{"role": "user", "content": "Hi"}], tools=[{"type": "function"}])
 

@@ -3,13 +3,16 @@
 from .api import DiffusionGemma, GenerateOutput
 from .config import ConfigError, DiffusionGemmaConfig, GenerationConfig, TextConfig, preset
 from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
+from .media import MediaError
 from .model.weights import CheckpointError
+from .processor import Processor
 from .tokenizer import IncrementalDetokenizer, Tokenizer, split_reasoning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CanvasCommit", "CheckpointError", "ConfigError", "DenoiseStep", "DiffusionGemma", "DiffusionGemmaConfig",
-    "GenerateOutput", "GenerationConfig", "GenerationResult", "IncrementalDetokenizer", "TextConfig", "Tokenizer",
+    "GenerateOutput", "GenerationConfig", "GenerationResult", "IncrementalDetokenizer", "MediaError", "Processor",
+    "TextConfig", "Tokenizer",
     "preset", "split_reasoning",
 ]

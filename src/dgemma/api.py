@@ -5,7 +5,9 @@
 
 `generate` takes the reference's arguments with the same meanings and defaults; after the same
 `torch.manual_seed` it returns the same tokens as transformers. Passing `seed` gives each row its own
-random stream instead, so a row's tokens do not depend on the rest of the batch.
+random stream instead, so a row's tokens do not depend on the rest of the batch. Images and video go in under
+transformers' names (`pixel_values`, `image_position_ids`, `mm_token_type_ids`, `pixel_values_videos`,
+`video_position_ids`), as `model.processor` makes them (docs/multimodal.md).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .config import WEIGHT_DTYPES, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
+from .config import VISION_MASKS, WEIGHT_DTYPES, ConfigError, DiffusionGemmaConfig, GenerationConfig, preset
 from .engine.autoregressive import generate_ar
 from .engine.generate import CanvasCommit, CanvasSpec, DenoiseStep, GenerationStats, stream_generate
+from .engine.media import prompt_media
 from .engine.static import StaticPool
 from .model.model import DiffusionGemmaModel
 from .model.weights import load_weights, save_weights
+from .processor import Processor
 from .shipped import resolve
 from .tokenizer import Tokenizer, byte_tokenizer
 
@@ -110,6 +114,22 @@ def _as_rows(input_ids, attention_mask) -> tuple[list[list[int]], torch.Tensor]:
     return [row[m].tolist() for row, m in zip(ids, mask)], ids
 
 
+MEDIA_INPUTS = ("pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids")
+
+
+def _type_rows(type_ids, ids: torch.Tensor, attention_mask) -> list[list[int]] | None:
+    """`mm_token_type_ids` as rows, cut by `attention_mask` as the prompts are."""
+    if type_ids is None:
+        return None
+    types = torch.as_tensor(type_ids)
+    types = types[None] if types.dim() == 1 else types
+    if types.shape != ids.shape:
+        raise ConfigError(f"mm_token_type_ids shape {list(types.shape)} differs from input_ids {list(ids.shape)}")
+    if attention_mask is None:
+        return types.tolist()
+    return [row[m].tolist() for row, m in zip(types, torch.as_tensor(attention_mask).bool().reshape(ids.shape))]
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -168,11 +188,24 @@ def _config_overrides(config) -> dict:
 
 class DiffusionGemma:
     def __init__(self, model: DiffusionGemmaModel, generation_config: GenerationConfig,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, vision_mask: str = "gemma4"):
         self.model = model
         self.generation_config = generation_config
         self.tokenizer = tokenizer
         self._static = StaticPool()
+        if vision_mask not in VISION_MASKS:
+            raise ConfigError(f"vision_mask must be one of {', '.join(map(repr, VISION_MASKS))}, got {vision_mask!r}")
+        model.vision_mask = vision_mask
+        self._processor: Processor | None = None
+
+    @property
+    def processor(self) -> Processor:
+        """Text, images and video to this model's inputs (`dgemma.Processor`; needs the tokenizer)."""
+        if self._processor is None:
+            if self.tokenizer is None:
+                raise ConfigError("the model has no tokenizer (tokenizer.json missing): no processor")
+            self._processor = Processor(self.tokenizer, self.config)
+        return self._processor
 
     @property
     def config(self) -> DiffusionGemmaConfig:
@@ -185,27 +218,30 @@ class DiffusionGemma:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: DiffusionGemmaConfig, seed: int = 0, dtype: torch.dtype | str = torch.float32,
-                    device: str | torch.device = "cpu") -> "DiffusionGemma":
+                    device: str | torch.device = "cpu", vision_mask: str = "gemma4") -> "DiffusionGemma":
         """A model with random weights (timing, tests); the tokenizer is the byte-level fallback."""
         model = init_weights(DiffusionGemmaModel(config), seed).to(device=device, dtype=_float_dtype(dtype)).eval()
         model.requires_grad_(False)
         tok = byte_tokenizer() if config.text_config.vocab_size >= 512 else None
-        return cls(model, GenerationConfig.for_model(config), tok)
+        return cls(model, GenerationConfig.for_model(config), tok, vision_mask)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu") -> "DiffusionGemma":
+                        device: str | torch.device = "cpu", vision_mask: str = "gemma4") -> "DiffusionGemma":
         """Load a checkpoint directory (HF layout) or a shipped model by name (`dgemma-code-tiny`), or build a
-        preset (`tiny`, `bench`, `26b-a4b`) with random weights."""
+        preset (`tiny`, `bench`, `26b-a4b`) with random weights. `vision_mask`: how image tokens attend to each
+        other in the encoder: "gemma4" (as the model was trained: both ways within an image on sliding-window
+        layers, inside the window; full-attention layers causal) or "transformers" (transformers 5.23
+        DiffusionGemma `generate`: both ways on every layer, past the window)."""
         dtype = _float_dtype(dtype)
         kind, directory = resolve(path)
         if kind == "preset":
             log.warning("preset %r: random weights, not a trained model", path)
-            return cls.from_config(preset(str(path)), dtype=dtype, device=device)
+            return cls.from_config(preset(str(path)), dtype=dtype, device=device, vision_mask=vision_mask)
         config = DiffusionGemmaConfig.load(directory)
         model = load_weights(directory, config, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(directory) if (directory / "tokenizer.json").is_file() else None
-        return cls(model, GenerationConfig.load(directory, config), tokenizer)
+        return cls(model, GenerationConfig.load(directory, config), tokenizer, vision_mask)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         path = Path(path)
@@ -267,8 +303,12 @@ class DiffusionGemma:
         `GenerationResult`. `decoder_input_ids` [B, C] starts the first canvas; `fixed_mask` [B, C] marks
         positions whose given token is kept (never re-noised). `static_cache` (default: on for CUDA) runs the
         decoder passes with fixed shapes over a reused cache, captured as a CUDA graph on the GPU."""
+        media_inputs = {k: kwargs.pop(k) for k in MEDIA_INPUTS if k in kwargs}
+        kwargs.pop("num_frames_per_video", None)  # the processor's, for the caller: the positions already tell
+        type_ids = kwargs.pop("mm_token_type_ids", None)
         prompts, ids = _as_rows(input_ids, attention_mask)
         gen = self._generation_config(generation_config, ids.shape[1], kwargs)
+        media = prompt_media(self.model, prompts, _type_rows(type_ids, ids, attention_mask), **media_inputs)
         start = None
         if decoder_input_ids is not None:
             tokens = _token_tensor(decoder_input_ids, "decoder_input_ids")
@@ -280,7 +320,7 @@ class DiffusionGemma:
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start,
-                                   self._static if static_cache else None)
+                                   self._static if static_cache else None, media)
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
                  return_dict_in_generate: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:

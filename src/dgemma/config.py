@@ -19,10 +19,14 @@ class ConfigError(ValueError):
     """A config file or value that dgemma cannot use."""
 
 
+VIDEO_TOKEN_ID = 258_884  # Gemma 4's `<|video|>` soft token
+
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE_TYPES = ("default", "proportional")  # the two the model uses (sliding, full); others are refused, not approximated
 ACTIVATION = "gelu_pytorch_tanh"  # tanh-approximated GELU, the only activation the model uses
-BIDIRECTIONAL = (None, "vision")  # the same on text (dgemma runs no vision tower); "all" is refused
+BIDIRECTIONAL = (None, "vision")  # "vision": bidirectional within each image (`VisionConfig`); "all" is refused
+VISION_MASKS = ("gemma4", "transformers")  # how image tokens attend to each other in the encoder (docs/multimodal.md)
 
 
 def _default_rope_parameters() -> dict[str, dict[str, Any]]:
@@ -229,15 +233,93 @@ def _full_layer_override(per_layer: Any) -> dict[str, Any]:
 
 
 @dataclass
+class VisionConfig:
+    """The Gemma 4 vision tower (`vision_config`, `model_type: gemma4_vision`). An absent field takes transformers'
+    Gemma4VisionConfig default; keys dgemma does not read (`default_output_length`, ...) are kept in `extra` and
+    written back."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = ACTIVATION
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "axial", "rope_theta": 100.0})
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    initializer_range: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in _VISION_SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"vision_config.{name} must be an integer >= 1, got {value!r}")
+        if self.head_dim % 4:  # axial RoPE: half the channels rotate by column, half by row, each in pairs
+            raise ConfigError(f"vision_config.head_dim must be a multiple of 4 (2D RoPE), got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"vision_config: {self.num_attention_heads} query heads not divisible by "
+                              f"{self.num_key_value_heads} KV heads")
+        if self.hidden_activation != ACTIVATION:
+            raise ConfigError(f"vision_config.hidden_activation {self.hidden_activation!r} is not supported "
+                              f"(dgemma implements {ACTIVATION!r})")
+        rope = self.rope_parameters if isinstance(self.rope_parameters, dict) else {}
+        if rope.get("rope_type", "axial") != "axial" or not isinstance(rope.get("rope_theta", 100.0), (int, float)):
+            raise ConfigError(f"vision_config.rope_parameters must be axial RoPE with a rope_theta, got "
+                              f"{self.rope_parameters!r}")
+        if self.use_clipped_linears:
+            raise ConfigError("vision_config.use_clipped_linears=True is not supported (the DiffusionGemma vision "
+                              "tower has none)")
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters.get("rope_theta", 100.0))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **d, "model_type": "gemma4_vision"}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"vision_config must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        mt = d.pop("model_type", "gemma4_vision")
+        if mt != "gemma4_vision":
+            raise ConfigError(f"vision_config.model_type is {mt!r}, expected 'gemma4_vision'")
+        known = {k: v for k, v in d.items() if k in _VISION_FIELDS and v is not None}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in _VISION_FIELDS})
+
+
+def gemma4_vision() -> VisionConfig:
+    """The vision tower of google/diffusiongemma-26B-A4B-it (Gemma 4's: ~573M parameters)."""
+    return VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                        num_key_value_heads=16, head_dim=72, standardize=True,
+                        extra={"default_output_length": 280, "global_head_dim": 72})
+
+
+_VISION_FIELDS = {f.name for f in dataclasses.fields(VisionConfig)} - {"extra"}
+_VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "pooling_kernel_size", "patch_size", "position_embedding_size")
+
+
+@dataclass
 class DiffusionGemmaConfig:
     """The whole model (`config.json`, `model_type: diffusion_gemma`)."""
 
     text_config: TextConfig = field(default_factory=TextConfig)
     canvas_length: int = 256
-    vision_config: dict[str, Any] | None = None  # kept verbatim; the vision tower is not run yet
+    vision_config: VisionConfig | None = None  # None: a text-only model
     boi_token_id: int = 255_999
     eoi_token_id: int = 258_882
     image_token_id: int = 258_880
+    # Gemma 4's `<|video|>`: transformers' DiffusionGemmaConfig has no such field, so it is written only when it differs
+    video_token_id: int = VIDEO_TOKEN_ID
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
@@ -246,6 +328,8 @@ class DiffusionGemmaConfig:
             raise ConfigError(f"canvas_length must be >= 1, got {self.canvas_length!r}")
         if not self.tie_word_embeddings:
             raise ConfigError("tie_word_embeddings=False (untied encoder/decoder) is not supported")
+        if isinstance(self.vision_config, dict):
+            self.vision_config = VisionConfig.from_hf_dict(self.vision_config)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -260,7 +344,9 @@ class DiffusionGemmaConfig:
             "initializer_range": self.initializer_range,
         }
         if self.vision_config is not None:
-            d["vision_config"] = self.vision_config
+            d["vision_config"] = self.vision_config.to_hf_dict()
+        if self.video_token_id != VIDEO_TOKEN_ID:
+            d["video_token_id"] = self.video_token_id
         return d
 
     @classmethod
@@ -277,10 +363,12 @@ class DiffusionGemmaConfig:
         if not isinstance(text_config, dict):
             raise ConfigError(f"text_config must be a JSON object, got {type(text_config).__name__}")
         text = TextConfig.from_hf_dict(text_config)
-        keys = ("canvas_length", "boi_token_id", "eoi_token_id", "image_token_id", "tie_word_embeddings",
-                "initializer_range")
+        keys = ("canvas_length", "boi_token_id", "eoi_token_id", "image_token_id", "video_token_id",
+                "tie_word_embeddings", "initializer_range")
         kwargs = {k: d[k] for k in keys if d.get(k) is not None}
-        return cls(text_config=text, vision_config=d.get("vision_config"), **kwargs)
+        vision = d.get("vision_config")
+        return cls(text_config=text, vision_config=None if vision is None else VisionConfig.from_hf_dict(vision),
+                   **kwargs)
 
     def save(self, directory: str | Path) -> None:
         Path(directory, "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")

@@ -5,7 +5,7 @@
 
 Each turn renders the whole conversation with the chat template (earlier answers without their reasoning, as
 the template keeps them) and generates the reply. Commands: /help, /reset, /system TEXT, /thinking on|off,
-/exit. A message may span lines between a pair of triple quotes. Ctrl-C stops a reply (the turn is dropped);
+/image PATH and /video PATH (attach to the next message), /exit. A message may span lines between a pair of triple quotes. Ctrl-C stops a reply (the turn is dropped);
 a turn the model cannot take (the conversation outgrew the context) is said, and the conversation goes on.
 """
 
@@ -22,12 +22,15 @@ from ..shipped import DEFAULT_MODEL
 from ..tokenizer import is_valid_text
 from .common import (MODEL_HELP, CLIError, add_device_arguments, add_sampler_arguments, load_with_tokenizer,
                      sampler_settings)
+from .media import MEDIA_KEYS, check_files, media_parts
 
 HELP = """commands:
   /help            this list
   /reset           forget the conversation (the system prompt stays)
   /system TEXT     set the system prompt (and start over); /system alone removes it
   /thinking on|off let the model think before it answers (reasoning shown dimmed)
+  /image PATH      attach an image to the next message (a model with a vision tower)
+  /video PATH      attach a video to the next message
   /exit            leave (or Ctrl-D)
 a message over several lines goes between triple quotes: \"\"\" ... \"\"\""""
 
@@ -62,22 +65,39 @@ class Conversation:
     system: str | None = None
     thinking: bool = False
     seed: int | None = None
-    turns: list[dict[str, str]] = field(default_factory=list)
+    turns: list[dict] = field(default_factory=list)
     replies: int = 0  # replies generated in this session (the seed offset of the next one)
+    images: list[str] = field(default_factory=list)  # attached to the next message
+    videos: list[str] = field(default_factory=list)
 
-    def messages(self, user: str) -> list[dict[str, str]]:
+    def user_turn(self, user: str) -> dict:
+        if not (self.images or self.videos):
+            return {"role": "user", "content": user}
+        return {"role": "user", "content": [*media_parts(self.images, self.videos), {"type": "text", "text": user}]}
+
+    def messages(self, user: str) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return [*head, *self.turns, {"role": "user", "content": user}]
+        return [*head, *self.turns, self.user_turn(user)]
 
     def prompt_ids(self, user: str) -> list[int]:
         return self.model.tokenizer.apply_chat_template(self.messages(user), add_generation_prompt=True,
                                                         enable_thinking=self.thinking, tokenize=True)
+
+    def prompt_inputs(self, user: str) -> tuple[list[int], dict]:
+        """The prompt ids and, where the conversation holds images or videos, the media inputs of `generate`."""
+        messages = self.messages(user)
+        if not any(isinstance(m["content"], list) for m in messages):
+            return self.prompt_ids(user), {}
+        inputs = self.model.processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                          enable_thinking=self.thinking)
+        return inputs["input_ids"][0].tolist(), {k: inputs[k] for k in MEDIA_KEYS if k in inputs}
 
     def reply_seed(self) -> int | None:
         return None if self.seed is None else self.seed + self.replies
 
     def reset(self) -> None:
         self.turns = []
+        self.images, self.videos = [], []
 
 
 class _Screen:
@@ -196,10 +216,28 @@ def _command(line: str, convo: Conversation, err: TextIO) -> bool:
         else:
             convo.thinking = arg == "on"
             print(f"(thinking {arg})", file=err)
+    elif name in ("/image", "/video"):
+        _attach(name, arg, convo, err)
     else:
         print(f"(unknown command {name}; /help lists them)", file=err)
     err.flush()
     return True
+
+
+def _attach(name: str, path: str, convo: Conversation, err: TextIO) -> None:
+    if not path:
+        print(f"(usage: {name} PATH)", file=err)
+        return
+    if convo.model.config.vision_config is None:
+        print("(this model reads text only: it has no vision tower)", file=err)
+        return
+    try:
+        check_files([path], name)
+    except CLIError as e:
+        print(f"({e})", file=err)
+        return
+    (convo.images if name == "/image" else convo.videos).append(path)
+    print(f"({name[1:]} {path} attached to the next message)", file=err)
 
 
 def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO) -> None:
@@ -207,6 +245,7 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
     from jinja2.exceptions import TemplateError
 
     from ..engine.generate import CanvasCommit, DenoiseStep, GenerationResult
+    from ..media import MediaError
     from ..model.kv_cache import CacheFullError
     from ..serve.output import ChoiceOutput
 
@@ -217,9 +256,10 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
     choice = ChoiceOutput(decoder, stop_ids, [], convo.thinking, convo.gen.pad_token_id, limit)
     seed = convo.reply_seed()
     result = None
+    turn = convo.user_turn(user)
     try:
-        prompt = convo.prompt_ids(user)
-        for event in model.stream_generate([prompt], generation_config=convo.gen, seed=seed):
+        prompt, media = convo.prompt_inputs(user)
+        for event in model.stream_generate([prompt], generation_config=convo.gen, seed=seed, **media):
             if isinstance(event, DenoiseStep):
                 if screen.view is not None:
                     screen.view.step(event)
@@ -231,8 +271,9 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
                     screen.write(*choice.delta())
             elif isinstance(event, GenerationResult):
                 result = event
-    except (ConfigError, CacheFullError, TemplateError) as e:
+    except (ConfigError, CacheFullError, TemplateError, MediaError) as e:
         screen.close()
+        convo.images, convo.videos = [], []  # the media go with the dropped turn
         print(f"dgemma: error: {' '.join(str(e).split())} (the turn is dropped; /reset starts over)", file=err,
               flush=True)
         return
@@ -243,7 +284,8 @@ def _reply(convo: Conversation, user: str, screen: _Screen, decoder, err: TextIO
     choice.end()
     screen.write(*choice.delta())
     screen.close()
-    convo.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": choice.text()[1]}]
+    convo.turns += [turn, {"role": "assistant", "content": choice.text()[1]}]
+    convo.images, convo.videos = [], []
     convo.replies += 1
     if result is not None:
         stats = result.stats

@@ -12,6 +12,7 @@ from ..tokenizer import is_valid_text
 from .canvas_view import CanvasView
 from .common import (MODEL_HELP, PROG, CLIError, add_device_arguments, add_sampler_arguments, int_at_least_1,
                      load_with_tokenizer, sampler_settings)
+from .media import add_media_arguments, check_files, prompt_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="print one JSON object: text, reasoning, token ids and stats")
     g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
                    help="diffusion (default), or ar: greedy autoregressive decoding with the same weights")
+    add_media_arguments(g)
     add_device_arguments(g)
     g.set_defaults(func=cmd_generate)
 
@@ -95,6 +97,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--show-canvas and --json cannot be combined (both write to stdout)")
     if args.show_canvas and args.mode == "ar":
         raise CLIError("--show-canvas needs --mode diffusion (autoregressive decoding has no canvas)")
+    if (args.image or args.video) and args.mode == "ar":
+        raise CLIError("--image and --video need --mode diffusion")
+    check_files(args.image, "--image")
+    check_files(args.video, "--video")
 
     # everything that can be checked without the weights is checked before loading them
     gen = sampler_settings(args)
@@ -103,7 +109,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.canvas_length is not None:
         model.config.canvas_length = args.canvas_length
     tok = model.tokenizer
-    if args.chat:
+    media = {}
+    if args.image or args.video:
+        prompt_ids, media = prompt_inputs(model, prompt, args.image, args.video, args.chat, args.thinking)
+    elif args.chat:
         prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              enable_thinking=args.thinking, tokenize=True)
     else:
@@ -138,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = None
         hit_stop = False
         try:
-            for event in model.stream_generate([prompt_ids], generation_config=gen, seed=args.seed):
+            for event in model.stream_generate([prompt_ids], generation_config=gen, seed=args.seed, **media):
                 if isinstance(event, DenoiseStep):
                     if view is not None:
                         view.step(event)

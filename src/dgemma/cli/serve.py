@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import WEIGHT_DTYPES
 from ..shipped import DEFAULT_MODEL
 from .common import MODEL_HELP, CLIError, int_argument, int_at_least_1, pick_device, positive_float
+from .media import add_media_limit_arguments, media_limits
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int_at_least_1, default=2048, metavar="N")
     p.add_argument("--max-tokens", type=int_at_least_1, default=1024, metavar="N", help="max_tokens allowed")
     p.add_argument("--max-n", type=int_at_least_1, default=8, metavar="N", help="choices per request allowed")
+    add_media_limit_arguments(p)
     p.add_argument("--max-denoising-steps", type=int_at_least_1, default=256, metavar="N",
                    help="max_denoising_steps allowed")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES,
@@ -79,7 +81,8 @@ def build_engine(args: argparse.Namespace, max_queue: int):
     dtype = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     model = DiffusionGemma.from_pretrained(args.model, dtype=dtype, device=device)
     c = model.config.canvas_length
-    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_denoising_steps)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_denoising_steps,
+                    media_limits(args))
     # the last canvas is never encoded: a request holds its prompt and all but one of its canvases
     max_len = limits.prompt_tokens + (math.ceil(limits.max_tokens / c) - 1) * c
     context = model.config.text_config.max_position_embeddings

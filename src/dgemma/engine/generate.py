@@ -27,6 +27,7 @@ from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
+from .media import PromptMedia, batch_media
 from .static import StaticPool
 
 
@@ -162,13 +163,15 @@ def _returned_to(static: StaticPool | None, cache: KVCache) -> Iterator[None]:
 @torch.inference_mode()
 def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
                     generators: list[torch.Generator | None] | None = None,
-                    start: CanvasSpec | None = None, static: StaticPool | None = None
+                    start: CanvasSpec | None = None, static: StaticPool | None = None,
+                    media: Sequence[PromptMedia | None] | None = None
                     ) -> Iterator[DenoiseStep | CanvasCommit | GenerationResult]:
     """Yields a `DenoiseStep` per decoder pass, a `CanvasCommit` per canvas, and finally a `GenerationResult`.
 
     `generators=None` draws from torch's global generator in the reference order; a list gives each row
     its own generator (batch-invariant tokens). With `static`, decoder passes run with fixed shapes over a
-    reused cache (`engine.static`; a CUDA graph on the GPU) instead of the eager pass.
+    reused cache (`engine.static`; a CUDA graph on the GPU) instead of the eager pass. `media`: per prompt its
+    images' soft tokens (`engine.media.prompt_media`), put in place when the prompt is encoded.
     """
     t0 = time.perf_counter()
     c, vocab, device = model.config.canvas_length, model.text.vocab_size, model.device
@@ -198,7 +201,8 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             # one pass fewer); the prompt, and every commit on the static path, get a pass of their own
             fused_commit = ci > 0 and static is None and model.commit_fusable(b, pending.shape[1], c)
             if not fused_commit:
-                model.encode(pending, cache, valid)
+                model.encode(pending, cache, valid, batch_media(media, pending.shape[1], device) if ci == 0 and media
+                             else None)
             if static is not None:
                 denoise.prepare()
             canvas = rng.tokens(b, c, vocab, device)  # drawn even when a canvas is given, as the reference does
@@ -278,8 +282,9 @@ def _self_conditioning(model: DiffusionGemmaModel, probs: torch.Tensor | None, b
 
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
              generators: list[torch.Generator | None] | None = None,
-             start: CanvasSpec | None = None, static: StaticPool | None = None) -> GenerationResult:
+             start: CanvasSpec | None = None, static: StaticPool | None = None,
+             media: Sequence[PromptMedia | None] | None = None) -> GenerationResult:
     result = None
-    for event in stream_generate(model, prompts, gen, generators, start, static):
+    for event in stream_generate(model, prompts, gen, generators, start, static, media):
         result = event
     return result

@@ -36,6 +36,7 @@ from ..sampling import CanvasRNG
 from ..sampling.step import CanvasState, denoise_update
 from .generate import (CanvasCommit, CanvasSpec, DenoiseStep, GenerationResult, GenerationStats, _pad_after_eos,
                        _validate, count_new_tokens)
+from .media import PromptMedia, batch_media, check_media, prompt_media
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ EventCallback = Callable[[int, Event], None]  # (index of the request in its `su
 
 @dataclass
 class Request:
-    """One generation: a prompt, its sampler settings and its seed. `start` ([1, C]) starts the first canvas."""
+    """One generation: a prompt, its sampler settings and its seed. `start` ([1, C]) starts the first canvas.
+    `media`: the prompt's images and video frames under `generate`'s names (`pixel_values`, `image_position_ids`,
+    `mm_token_type_ids`, `pixel_values_videos`, `video_position_ids`); the tower runs on them at the prefill."""
 
     prompt: list[int]
     gen: GenerationConfig
@@ -71,6 +74,7 @@ class Request:
     start: CanvasSpec | None = None
     include_drafts: bool = False  # emit a `DenoiseStep` per pass, not only the commits
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    media: dict | None = None
 
 
 def slot_bytes(text: TextConfig, max_len: int, canvas_length: int, dtype: torch.dtype) -> int:
@@ -92,6 +96,19 @@ def slots_for_budget(text: TextConfig, max_len: int, canvas_length: int, dtype: 
         raise ConfigError(f"a KV-cache budget of {budget_bytes / 2**30:.2f} GiB holds no slot of {max_len} tokens "
                           f"({per_slot / 2**30:.2f} GiB each)")
     return slots
+
+
+_FEATURES = "prompt_media"  # where a request's media dict keeps its soft tokens once computed
+
+
+def _media_kwargs(media: dict) -> dict:
+    """`prompt_media`'s arguments of one request's media: the type ids as its one row."""
+    kwargs = {k: v for k, v in media.items() if k != _FEATURES}
+    types = kwargs.pop("mm_token_type_ids", None)
+    if types is not None:
+        types = torch.as_tensor(types)
+        kwargs["mm_token_type_ids"] = (types[None] if types.dim() == 1 else types).tolist()
+    return kwargs
 
 
 def _deliver(on_event: Callable[[Event], None], event: Event) -> bool:
@@ -123,6 +140,17 @@ class _Row:
         self.committed: list[torch.Tensor] = []
         self.stats = GenerationStats(passes_per_canvas=[[]])
         self.done = False
+
+    def prefill_media(self, model: DiffusionGemmaModel) -> PromptMedia | None:
+        """The prompt's soft tokens, computed at the prefill; requests sharing one media dict (the choices of one
+        API request) run the tower once, the first of them, and keep the result there."""
+        media, self.request.media = self.request.media, None
+        if not media:
+            return None
+        if _FEATURES not in media:
+            found = prompt_media(model, [self.request.prompt], **_media_kwargs(media))
+            media[_FEATURES] = None if found is None else found[0]
+        return media[_FEATURES]
 
     def emit(self, event: Event) -> None:
         if not _deliver(self.on_event, event):
@@ -215,6 +243,7 @@ class Scheduler:
         request.gen.validate()
         n_canvases = math.ceil(request.gen.max_new_tokens / self.c)
         _validate(self.model, [request.prompt], request.gen, n_canvases, request.start)
+        check_media(self.model, [request.prompt], **_media_kwargs(request.media or {}))
         need = len(request.prompt) + (n_canvases - 1) * self.c
         if need > self.max_len:
             raise ConfigError(f"prompt ({len(request.prompt)} tokens) + {n_canvases} canvas(es) of {self.c} tokens "
@@ -321,10 +350,12 @@ class Scheduler:
         # all canvases (the steady state): the pass that reads the cache and writes nothing
         denoise = True if len(decoding) == len(rows) else torch.tensor([r.state is not None for r in rows],
                                                                         device=self.cache.device)
+        prefills = [r.prefill_media(self.model) if r.state is None and r.canvas_index == 0 else None for r in rows]
+        media = batch_media(prefills, tokens.shape[1], self.cache.device)
         # untraced: a server's passes come in a new shape whenever the number of active rows changes, and every
         # recorded trace keeps memory for the life of the process (`dgemma.model.traced`)
         hidden = self.model.forward(tokens, self.cache.rows(start, len(self._active)), valid, denoise, self_cond,
-                                    traced=False)
+                                    traced=False, media=media)
         logits = iter(self.model.logits(hidden[decoding, :self.c]).split(1)) if decoding else None
         for row in rows:
             if row.state is None:

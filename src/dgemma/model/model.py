@@ -24,6 +24,7 @@ from ..config import FULL, SLIDING, DiffusionGemmaConfig
 from .kv_cache import KVCache, write_layer
 from .layers import Block, GatedMLP, RMSNorm, rope_cos_sin, rope_inv_freq
 from .traced import TracedPasses
+from .vision import EncoderMedia, VisionEmbedder, VisionTower, soft_token_counts
 from .vocab import VocabMatmuls
 
 
@@ -52,8 +53,10 @@ class DiffusionGemmaModel(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t.hidden_size, t.intermediate_size, t.rms_norm_eps)
         self.init_rope()
-        # checkpoint tensors dgemma does not run yet (the vision tower), kept so a save round-trips them
-        self.extra_tensors: dict[str, torch.Tensor] = {}
+        vision = config.vision_config  # the checkpoint's `model.encoder.vision_tower` / `embed_vision`
+        self.vision_tower = VisionTower(vision) if vision is not None else None
+        self.embed_vision = VisionEmbedder(vision, t.hidden_size) if vision is not None else None
+        self.vision_mask = "gemma4"  # how image tokens attend in the encoder: `VISION_MASKS` (dgemma.config)
         self._fusable: dict[tuple, bool] = {}  # commit_fusable's answers
         self._vocab_rows: dict[tuple, bool] = {}  # vocab_rows_exact's answers
         self._passes = TracedPasses(self)
@@ -142,10 +145,18 @@ class DiffusionGemmaModel(nn.Module):
                 x = layer(x, layer_attend, decoder=decoder, split=split)
         return self.norm(x)
 
+    def image_features(self, pixels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """The vision tower and `embed_vision` over images [N, P, 3 * patch**2] with patch positions [N, P, 2]:
+        each image's soft tokens [tokens, text hidden] (transformers' `get_image_features(...).pooler_output`)."""
+        if self.vision_tower is None:
+            raise ValueError("this checkpoint has no vision tower (no vision_config): it reads text only")
+        features = self.embed_vision(self.vision_tower(pixels.to(self.device), positions.to(self.device)))
+        return list(features.split(soft_token_counts(positions, self.vision_tower.config.pooling_kernel_size)))
+
     # -- passes ----------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
                 denoise: bool | torch.Tensor = False, self_cond: torch.Tensor | None = None,
-                traced: bool = True) -> torch.Tensor:
+                traced: bool = True, media: EncoderMedia | None = None) -> torch.Tensor:
         """One pass over new tokens [B, T] placed after each row's cache; returns the final normed hidden states.
 
         Rows with `denoise` False are encoder rows: causal (sliding window on sliding layers), their valid
@@ -154,6 +165,8 @@ class DiffusionGemmaModel(nn.Module):
         zero for rows without; None on a first pass), nothing written. One batch may mix both (continuous
         batching). Token t of row b sits at position `cache.lengths[b] + t`; `valid` False marks right padding.
         `traced=False` always runs the Python pass (no TorchScript trace is recorded or replayed for it).
+        `media`: image soft tokens to put in place of some encoder rows' token embeddings, and the blocks that
+        attend to each other both ways (`EncoderMedia`; always the Python pass).
         """
         b, t = tokens.shape
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
@@ -165,26 +178,31 @@ class DiffusionGemmaModel(nn.Module):
         if writes is not None:
             cache.check_room(writes.sum(dim=1))
         positions = cache.lengths[:, None] + torch.arange(t, device=tokens.device)
-        used, masks, plans = _attention_plan(cache, positions, valid, rows, writes)
+        blocks = None if media is None else media.blocks
+        used, masks, plans = _attention_plan(cache, positions, valid, rows, writes, blocks, self.vision_mask)
         if canvases_only:
             run = self._passes.run_canvas if traced else self.canvas_pass
             return run(tokens, positions, self_cond, cache.views(used), {kind: m[0] for kind, m in masks.items()})
         kv = [(*cached, k, v) for cached, k, v in zip(cache.views(used), cache.k, cache.v)]
-        run = self._passes.run_encoder if traced else self.encoder_pass
+        run = self._passes.run_encoder if traced and media is None else partial(self.encoder_pass, media=media)
         hidden = run(tokens, positions, rows, self_cond if bool(rows.any()) else False, kv, masks, plans)
         cache.commit(plans, positions, writes)
         return hidden
 
     def encoder_pass(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                      self_cond: torch.Tensor | None | bool, kv: list[tuple[torch.Tensor, ...]],
-                     masks: dict[str, tuple[torch.Tensor | None, bool]], plans: dict[str, torch.Tensor]) -> torch.Tensor:
+                     masks: dict[str, tuple[torch.Tensor | None, bool]], plans: dict[str, torch.Tensor],
+                     media: EncoderMedia | None = None) -> torch.Tensor:
         """`forward` of a batch with encoder rows, as a function of its arguments: new tokens [B, T] at
         `positions`, `rows` [B] the canvas rows among them (their self-conditioning input `self_cond`, False when
         there are none), per layer `kv` = (cached keys, cached values: the used slots; the whole key and value
-        buffers, written here), per attention kind the SDPA (mask, is_causal) and the write plan. Returns the final
-        normed hidden states; the caller commits the positions (`KVCache.commit`)."""
+        buffers, written here), per attention kind the SDPA (mask, is_causal) and the write plan, and the image
+        soft tokens that replace some token embeddings (`media`). Returns the final normed hidden states; the
+        caller commits the positions (`KVCache.commit`)."""
         b, t = tokens.shape
         x = self.embed(tokens)
+        if media is not None:  # as the reference: the token embeddings there replaced, no embedding scale on them
+            x = x.masked_scatter(media.slots[..., None], media.embeds.to(x.dtype))
         if self_cond is not False:
             x = torch.where(rows[:, None, None], self.self_conditioning(x, self_cond), x)
 
@@ -212,9 +230,11 @@ class DiffusionGemmaModel(nn.Module):
 
         return self._stack(x, positions, attend, decoder=True)
 
-    def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache."""
-        return self.forward(tokens, cache, valid, denoise=False)
+    def encode(self, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+               media: EncoderMedia | None = None) -> torch.Tensor:
+        """Causal pass over `tokens` [B, T] (right-padded where `valid` is False); writes the cache. `media`: the
+        images in it (see `forward`)."""
+        return self.forward(tokens, cache, valid, denoise=False, media=media)
 
     def commit_and_denoise(self, committed: torch.Tensor, canvas: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """`encode(committed, cache)` followed by a canvas's first `denoise(canvas, cache)` (no self-conditioning
@@ -387,10 +407,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached_k: torch.T
 
 
 def _attention_plan(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor,
-                    writes: torch.Tensor | None) -> tuple[dict, dict, dict]:
+                    writes: torch.Tensor | None, blocks: torch.Tensor | None = None,
+                    vision_mask: str = "gemma4") -> tuple[dict, dict, dict]:
     """Per attention kind: the cache slots in use, the write plan (encoder rows) and the SDPA (mask, is_causal)
     for new tokens at `positions` [B, T]; `rows` [B] marks canvas rows. `writes` None: every row is a canvas,
-    nothing is written (no plans, no causal masks)."""
+    nothing is written (no plans, no causal masks). `blocks` [B, T]: the image (or video frame) each new token
+    belongs to (-1: none), whose tokens see each other both ways as `vision_mask` says (`_vision_overlay`)."""
     b, t = positions.shape
     used, masks, plans = {}, {}, {}
     for kind in cache.slot_pos:
@@ -405,9 +427,27 @@ def _attention_plan(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor
         causal = (kpos >= 0) & (kpos <= positions[:, :, None])
         if kind == SLIDING:
             causal &= kpos > positions[:, :, None] - cache.window
+        if blocks is not None:
+            causal = _vision_overlay(causal, kind, blocks, used[kind], kpos > positions[:, :, None] - cache.window,
+                                     vision_mask)
         masks[kind] = _sdpa_mask(torch.where(rows[:, None, None], both_ways, causal)[:, None], rows,
-                                 fresh=used[kind] == 0 and (kind == FULL or t < cache.window))
+                                 fresh=blocks is None and used[kind] == 0 and (kind == FULL or t < cache.window))
     return used, masks, plans
+
+
+def _vision_overlay(causal: torch.Tensor, kind: str, blocks: torch.Tensor, cached: int, in_window: torch.Tensor,
+                    vision_mask: str) -> torch.Tensor:
+    """The encoder mask [B, T, cached + T] with the tokens of each image block seeing each other both ways.
+    `gemma4` (as the model was trained: Google's JAX model, transformers' Gemma 4): on sliding-window layers only,
+    and within the window; full-attention layers stay causal. `transformers` (transformers 5.23 DiffusionGemma's
+    `generate`): on every layer, past the window."""
+    if kind == FULL and vision_mask == "gemma4":
+        return causal
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    same = torch.cat([same.new_zeros(*same.shape[:2], cached), same], dim=2)
+    if kind == SLIDING and vision_mask == "gemma4":
+        return (causal | same) & in_window
+    return causal | same
 
 
 class SequenceKV:

@@ -1,7 +1,8 @@
 """Checkpoint I/O in the Hugging Face layout (safetensors, single file or sharded with an index).
 
-HF names are converted at load time. The encoder and decoder share their weights, so a checkpoint may
-store a tied tensor under the encoder name, the decoder name, or both (and the embedding as `lm_head.weight`
+HF names are converted at load time (the vision tower keeps its own: `vision_tower.*` and `embed_vision.*` here
+are `model.encoder.vision_tower.*` and `model.encoder.embed_vision.*` there). The encoder and decoder share
+their weights, so a checkpoint may store a tied tensor under the encoder name, the decoder name, or both (and the embedding as `lm_head.weight`
 too); the first one found is read, and of the others only the shape is checked (safetensors header): their
 values are not read, so not compared (reading them would double a large checkpoint's load time). The model is
 built on the meta device and each tensor is placed as it is read, so peak memory is about one copy of the weights.
@@ -22,7 +23,8 @@ from .model import DiffusionGemmaModel
 
 ENC = "model.encoder.language_model."
 DEC = "model.decoder."
-EXTRA_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+VISION = "model.encoder."  # the vision tower and its projection: `vision_tower.*`, `embed_vision.*` under it
+VISION_PREFIXES = ("vision_tower.", "embed_vision.")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -37,6 +39,8 @@ def hf_sources(name: str) -> list[str]:
         return [DEC + name, ENC + name, "lm_head.weight"]
     if name == "norm.weight":
         return [DEC + name, ENC + name]
+    if name.startswith(VISION_PREFIXES):
+        return [VISION + name]
     if name.startswith("self_conditioning."):
         return [DEC + name.replace(".mlp.", ".")]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -134,8 +138,10 @@ def load_weights(directory: str | Path, config: DiffusionGemmaConfig, dtype: tor
             continue
         if not (missing or mismatched):  # once the load fails, only the rest of its problems are looked for
             _place(model, name, reader.get(sources[0]).to(device=device, dtype=dtype))
-    extras = [n for n in reader.where if n.startswith(EXTRA_PREFIXES)]
-    unexpected = sorted(set(reader.where) - used - set(extras))
+    # a config without vision_config reads text only: a tower the checkpoint has anyway is left unread
+    vision = tuple(VISION + prefix for prefix in VISION_PREFIXES)
+    skipped = [n for n in reader.where if config.vision_config is None and n.startswith(vision)]
+    unexpected = sorted(set(reader.where) - used - set(skipped))
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
@@ -146,8 +152,6 @@ def load_weights(directory: str | Path, config: DiffusionGemmaConfig, dtype: tor
                         + (" ..." if len(unexpected) > 8 else ""))
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not match config.json: " + " | ".join(problems))
-    for name in extras:
-        model.extra_tensors[name] = reader.get(name)
     model.init_rope()
     return model.eval().requires_grad_(False)
 
@@ -162,9 +166,7 @@ def _place(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def hf_state_dict(model: DiffusionGemmaModel) -> dict[str, torch.Tensor]:
-    sd = {hf_save_name(name): t for name, t in model.state_dict().items()}
-    sd.update(model.extra_tensors)
-    return sd
+    return {hf_save_name(name): t for name, t in model.state_dict().items()}
 
 
 def save_weights(model: DiffusionGemmaModel, directory: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:

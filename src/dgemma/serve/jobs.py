@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..api import DiffusionGemma
 from ..config import ConfigError, GenerationConfig
 from ..engine.scheduler import Request
+from ..media import MediaError
+from ..processor import MediaLimits, Processor
 from ..tokenizer import CHANNEL_END, CHANNEL_START, FILL_TOKEN, TURN_START
 from .errors import APIError
 from .infill import hole_size, infill_canvas
@@ -25,6 +27,7 @@ class Limits:
     max_tokens: int = 1024
     n: int = 8
     denoising_steps: int = 256
+    media: MediaLimits = field(default_factory=MediaLimits)  # images and video: counts, sizes, where they may come from
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Job:
     include_drafts: bool
     hole_end_ids: frozenset[int] = frozenset()  # infilling: tokens that end the completion inside the hole (filler)
     channel_open: bool = False  # chat: the prompt ends inside an open thought channel
+    image_tokens: int = 0  # the prompt's image and video-frame soft tokens
 
     @property
     def chat(self) -> bool:
@@ -65,6 +69,8 @@ class JobBuilder:
         self.filler_ids = frozenset() if fill is None else frozenset({fill})
         self.channel_ids = (self.tokenizer.token_to_id(CHANNEL_START), self.tokenizer.token_to_id(CHANNEL_END))
         self.turn_id = self.tokenizer.token_to_id(TURN_START)
+        self.processor = Processor(model.tokenizer, model.config, limits=limits.media)
+        self.soft_ids = (model.config.image_token_id, model.config.video_token_id)
 
     def completion(self, body: CompletionRequest) -> Job:
         prompt = self._encode(body.prompt, "prompt") if isinstance(body.prompt, str) else list(body.prompt)
@@ -90,14 +96,25 @@ class JobBuilder:
         reserved = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
         if reserved:
             raise APIError(400, f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs")
+        messages = [m.template_dict() for m in body.messages]
+        media = None
         try:
-            prompt = self.tokenizer.apply_chat_template([m.template_dict() for m in body.messages],
-                                                        add_generation_prompt=True, enable_thinking=bool(thinking),
-                                                        tokenize=True, **kwargs)
+            if any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"]) for m in messages):
+                inputs = self.processor.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                            enable_thinking=bool(thinking), **kwargs)
+                prompt = inputs["input_ids"][0].tolist()
+                media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask",
+                                                                      "num_frames_per_video")}
+            else:
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                            enable_thinking=bool(thinking), tokenize=True, **kwargs)
+        except MediaError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_media") from e
         except Exception as e:  # the template renders user input: whatever it rejects is a bad request
             raise APIError(400, f"chat template: {e}", param="messages") from e
-        job = self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens)
+        job = self._job(body, "chat.completion", "chatcmpl", prompt, max_tokens, media=media)
         job.channel_open = self._channel_open(prompt)
+        job.image_tokens = sum(t in self.soft_ids for t in prompt) if media else 0
         return job
 
     def _channel_open(self, prompt: list[int]) -> bool:
@@ -141,7 +158,7 @@ class JobBuilder:
         return gen
 
     def _job(self, body: SamplingRequest, object_: str, prefix: str, prompt: list[int], limit: int,
-             suffix: list[int] | None = None) -> Job:
+             suffix: list[int] | None = None, media: dict | None = None) -> Job:
         if body.model != self.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -158,7 +175,7 @@ class JobBuilder:
             seed = (base_seed + i) % 2**64
             start = None if suffix is None else infill_canvas(suffix, limit, self.canvas_length, self.vocab_size,
                                                                 seed, self.device)
-            requests.append(Request(prompt, gen, seed, start, include_drafts=self._drafts(body)))
+            requests.append(Request(prompt, gen, seed, start, include_drafts=self._drafts(body), media=media))
         options = body.stream_options
         return Job(f"{prefix}-{uuid.uuid4().hex}", object_, len(prompt), requests, limit,
                    limit if suffix is not None else None, body.stop_strings(), body.stream,

@@ -82,9 +82,24 @@ class TextPart(_Body):
     text: str
 
 
+class MediaURL(_Body):
+    url: Annotated[str, StringConstraints(min_length=1)]
+    detail: str | None = None  # OpenAI's; the image budget is the server's
+
+
+class ImageURLPart(_Body):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoURLPart(_Body):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImageURLPart | VideoURLPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # accepted in history, not shown to the model
 
@@ -108,10 +123,14 @@ def model_card(name: str, created: int, canvas_length: int, max_model_len: int) 
             "max_model_len": max_model_len}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, decoder_passes: int) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "decoder_passes": decoder_passes,
-            "tokens_per_forward": completion_tokens / decoder_passes if decoder_passes else 0.0}
+def usage(prompt_tokens: int, completion_tokens: int, decoder_passes: int, image_tokens: int = 0) -> dict[str, Any]:
+    """`image_tokens`: the prompt's image and video-frame soft tokens (counted in `prompt_tokens` too)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens, "decoder_passes": decoder_passes,
+           "tokens_per_forward": completion_tokens / decoder_passes if decoder_passes else 0.0}
+    if image_tokens:
+        out["prompt_tokens_details"] = {"image_tokens": image_tokens}
+    return out
 
 
 def envelope(id_: str, object_: str, created: int, model: str, choices: list[dict[str, Any]],

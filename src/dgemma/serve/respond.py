@@ -164,7 +164,7 @@ class _Run:
 
     def usage(self) -> dict[str, Any]:
         return usage(self.job.prompt_tokens, sum(c.completion_tokens for c in self.choices),
-                     sum(c.decoder_passes for c in self.choices))
+                     sum(c.decoder_passes for c in self.choices), self.job.image_tokens)
 
     def body(self) -> dict[str, Any]:
         """The non-streaming answer."""

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import ConfigError
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EXCLUDED_MODULES = r".*(vision_tower|embed_vision)\..*"  # the text model's layers only: the vision tower stays frozen
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -35,7 +36,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, base: str 
     The adapters' random initialisation comes from `seed`, not from (nor disturbing) torch's global generator."""
     peft = _peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                             target_modules=TARGET_MODULES, base_model_name_or_path=base)
+                             target_modules=TARGET_MODULES, exclude_modules=EXCLUDED_MODULES,
+                             base_model_name_or_path=base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft.inject_adapter_in_model(config, model)  # also sets model.peft_config
