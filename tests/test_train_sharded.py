@@ -220,3 +220,15 @@ def test_refusals(runs, corpus, tmp_path, monkeypatch, capsys):
     assert "it is in the Hugging Face layout already" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--fsdp-offload needs --fsdp"):
         TrainConfig(data=["x"], out="y", fsdp_offload=True).validate(1)
+
+
+def test_a_vision_tower_goes_through_the_shards_to_the_export(vision_model_dir, corpus, tmp_path):
+    """The tower is part of the model's weights: sharded with the rest, saved in the shards and exported; text
+    training keeps it frozen, so it comes out bit for bit as it went in."""
+    out = tmp_path / "run"
+    _run(_torchrun(2, "--data", str(corpus), *ARGS, "--model", str(vision_model_dir), "--fsdp", "--export",
+                   "--out", str(out)))
+    base = load_file(str(vision_model_dir / "model.safetensors"))
+    exported = load_file(str(out / "export" / "model.safetensors"))
+    tower = sorted(k for k in base if k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")))
+    assert tower and all(torch.equal(exported[k], base[k].float()) for k in tower)

@@ -199,8 +199,11 @@ def _setup_model(cfg: TrainConfig, resume_from: Path | None, out: Path, dist: Di
     with torch.no_grad():  # own, aligned storage: loaded tensors are views into the checkpoint file at arbitrary
         for t in [*model.model.parameters(), *model.model.buffers()]:  # offsets, where CPU kernels round
             t.data = t.data.clone()  # differently, so a resumed run would drift from an uninterrupted one
-    if not cfg.lora:
+    if not cfg.lora:  # the text model; a vision tower stays frozen (text data never reaches it)
         model.model.requires_grad_(True)
+        for tower in (model.model.vision_tower, model.model.embed_vision):
+            if tower is not None:
+                tower.requires_grad_(False)
     else:
         base = Path(cfg.model)
         if cfg.config_json is not None or not base.is_dir():  # random base weights: keep them for merging
@@ -225,7 +228,6 @@ def _setup_sharded(cfg: TrainConfig, out: Path, dist: Distributed) -> tuple[Diff
     if dist.is_main:
         source = _setup_model(cfg, None, out, dist, torch.device("cpu"))
         full = _training_step(source, cfg).state_dict()
-        model.model.extra_tensors = source.model.extra_tensors
     shard(step, full, cfg, dist)
     return model, step
 

@@ -5,7 +5,6 @@
         trainer_state.json        as in every checkpoint (step, data position, settings)
         config.json, generation_config.json, tokenizer files   the model's, for `dgemma train export`
         adapter_config.json, adapter_model.safetensors         --lora: the adapter as peft writes it
-        extra_tensors.safetensors checkpoint tensors dgemma does not run (a vision tower), where the base has any
 
 The shards hold the model's weights (with LoRA the adapters only: the frozen base comes from --model again)
 and AdamW's state, both under parameter names, so a run resumes at any number of processes: DCP reads each
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -39,7 +37,6 @@ from .lora import save_adapter
 from .objective import TrainingStep
 
 SHARDS_DIR = "shards"
-EXTRA_FILE = "extra_tensors.safetensors"
 _PREFIX = "model."  # the names of the model's tensors within the TrainingStep the shards were taken from
 
 
@@ -70,8 +67,6 @@ def save_sharded(out: Path, model: DiffusionGemma, step: TrainingStep, optimizer
         model.save_tokenizer(partial)
         if adapter is not None:
             save_adapter(model.model, partial, {k.removeprefix(_PREFIX): v for k, v in adapter.items()})
-        if model.model.extra_tensors:
-            save_file({k: v.contiguous() for k, v in model.model.extra_tensors.items()}, str(partial / EXTRA_FILE))
         (partial / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -149,8 +144,6 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         _dcp_load({"model": {_PREFIX + k: v for k, v in model.state_dict().items()}}, checkpoint / SHARDS_DIR,
                   no_dist=True)
-    if (checkpoint / EXTRA_FILE).is_file():
-        model.extra_tensors = load_file(str(checkpoint / EXTRA_FILE))
     model.to(getattr(torch, dtype)).requires_grad_(False).eval()
     tokenizer = Tokenizer.from_dir(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
     DiffusionGemma(model, GenerationConfig.load(checkpoint, config), tokenizer).save_pretrained(out)
