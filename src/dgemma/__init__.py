@@ -4,12 +4,13 @@ from .api import DiffusionGemma, GenerateOutput
 from .config import ConfigError, DiffusionGemmaConfig, GenerationConfig, TextConfig, preset
 from .engine.generate import CanvasCommit, DenoiseStep, GenerationResult
 from .model.weights import CheckpointError
+from .sampling.grammar import Constraint, ConstraintError
 from .tokenizer import IncrementalDetokenizer, Tokenizer, split_reasoning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CanvasCommit", "CheckpointError", "ConfigError", "DenoiseStep", "DiffusionGemma", "DiffusionGemmaConfig",
+    "CanvasCommit", "CheckpointError", "ConfigError", "Constraint", "ConstraintError", "DenoiseStep", "DiffusionGemma", "DiffusionGemmaConfig",
     "GenerateOutput", "GenerationConfig", "GenerationResult", "IncrementalDetokenizer", "TextConfig", "Tokenizer",
     "preset", "split_reasoning",
 ]
