@@ -27,6 +27,7 @@ from .jobs import Job
 from .metrics import Metrics
 from .output import ChoiceOutput, TextDecoder
 from .protocol import chat_choice, chat_message, completion_choice, envelope, usage
+from .tools import parse_tool_calls
 
 
 @dataclass
@@ -126,9 +127,11 @@ class _Run:
             choice.end()
         if not self.job.stream:
             return None
+        if self.job.tool_calls:  # calls are parsed from the whole text: sent once the choice has finished
+            return self._tool_chunk(index, choice) if choice.finished else None
         reasoning, content = choice.delta()
         return self._chunk(index, {"content": content, "reasoning_content": reasoning}, content,
-                           choice.finish_reason)
+                           choice.finish_reason, **self._incomplete(choice))
 
     def _commit(self, index: int, event: CanvasCommit) -> None:
         tokens, passes = event.tokens[0].tolist(), int(event.passes[0])
@@ -166,13 +169,40 @@ class _Run:
         return usage(self.job.prompt_tokens, sum(c.completion_tokens for c in self.choices),
                      sum(c.decoder_passes for c in self.choices))
 
+    def _message(self, choice) -> tuple[dict[str, Any], str | None]:
+        """A chat choice's message and finish reason, its tool calls parsed out where the request has tools."""
+        reasoning, content = choice.text()
+        message, finish = chat_message(reasoning, content), choice.finish_reason
+        if self.job.tool_calls:
+            content, calls = parse_tool_calls(content)
+            if calls:
+                message.update(content=content or None, tool_calls=calls)
+                finish = "tool_calls" if finish == "stop" else finish
+        return message, finish
+
+    def _tool_chunk(self, index: int, choice) -> dict[str, Any]:
+        message, finish = self._message(choice)
+        delta = {k: v for k, v in message.items() if k != "role" and v}
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+        return self._chunk(index, delta, "", finish, **self._incomplete(choice))
+
+    def _incomplete(self, choice) -> dict[str, Any]:
+        """A constrained choice cut by max_tokens says so: its text is a valid prefix, not a complete match."""
+        if self.job.constrained and choice.finish_reason == "length":
+            return {"incomplete_reason": "max_tokens was reached before the output matched its constraint"}
+        return {}
+
     def body(self) -> dict[str, Any]:
         """The non-streaming answer."""
         choices = []
         for i, c in enumerate(self.choices):
-            reasoning, content = c.text()
-            choices.append(chat_choice(i, chat_message(reasoning, content), c.finish_reason) if self.job.chat
-                           else completion_choice(i, content, c.finish_reason))
+            extra = self._incomplete(c)
+            if self.job.chat:
+                message, finish = self._message(c)
+                choices.append(chat_choice(i, message, finish, **extra))
+            else:
+                choices.append(completion_choice(i, c.text()[1], c.finish_reason, **extra))
         return envelope(self.job.id, self.job.object, self.created, self.runner.model_name, choices,
                         usage=self.usage())
 
