@@ -192,7 +192,7 @@ def test_bad_chat_requests(client):
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError, match="role"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "function", "content": "x"}])
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
 
