@@ -76,6 +76,16 @@ def test_a_grammar_that_cannot_finish_reports_length(model, caplog):
     assert "before its constraint was satisfied" in caplog.text
 
 
+@pytest.mark.parametrize("policy", ["argmax", "dp"])
+def test_a_dead_end_of_the_grammar_ends_incomplete(model, policy):
+    """After "a" the grammar allows nothing (a rule cycle without text): the engine would allow only the
+    end-of-sequence token there; the row is filled instead and reported incomplete, never complete."""
+    texts, stats = _run(model, Constraint(grammar='start: "a" c | "bc"\nc: d\nd: c'), seeds=(0, 1),
+                        constraint_policy=policy, max_new_tokens=32)
+    for text, complete in zip(texts, stats.grammar_complete):
+        assert (text, complete) in (("a", False), ("bc", True))
+
+
 def test_unconstrained_rows_of_a_mixed_batch_equal_their_run_alone(model):
     ids = [model.tokenizer.encode(p) for p in ("def f(x):", "import os\n", "class A:")]
     rows = [None, Constraint(json_schema=PERSON), None]
@@ -121,6 +131,7 @@ def test_scheduler_constrains_one_request_and_keeps_the_other_exact(model):
     (dict(json_schema={"not": {"type": "string"}}), 'unsupported JSON schema keywords ["not"]'),
     (dict(regex="[0-9]+("), "unclosed group"),
     (dict(choice=[]), "choice is empty"),
+    (dict(regex="a[^\\s\\S]"), "regex matches no text"),
     (dict(grammar="start: foo"), "foo"),
     (dict(json_schema={"type": "string", "enum": ["x" * 100] * 1000}), "at most 65536 are allowed"),
     (dict(regex="(" * 40 + "a" + ")" * 40), "more than 32 levels deep"),

@@ -103,14 +103,19 @@ def test_required_and_named_tool_calls(client, choice):
 def test_tool_calls_stream_as_deltas_and_history_renders(client):
     stream = client.chat.completions.create(
         model="dgemma-code-tiny", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER],
-        tool_choice="required", stream=True, seed=5, max_tokens=64, extra_body=FAST)
-    deltas = [c.choices[0].delta for c in stream if c.choices and c.choices[0].delta.tool_calls]
-    call = deltas[0].tool_calls[0]
-    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        tool_choice="required", parallel_tool_calls=False, stream=True, seed=5, max_tokens=96, extra_body=FAST)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    deltas = [d for c in chunks for d in c.delta.tool_calls or []]
+    first, fragments = deltas[0], [d.function.arguments for d in deltas[1:] if d.index == 0]
+    assert first.id and first.type == "function" and first.function.name == "get_weather"  # the name first
+    assert len(fragments) > 1 and all(d.id is None and d.function.name is None for d in deltas[1:])
+    arguments = "".join(fragments)  # the arguments come in pieces, canvas by canvas, as OpenAI streams them
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])
+    assert chunks[-1].finish_reason == "tool_calls"
     history = [{"role": "user", "content": "weather?"},
-               {"role": "assistant", "tool_calls": [{"id": call.id, "type": "function", "function": {
-                   "name": call.function.name, "arguments": call.function.arguments}}]},
-               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+               {"role": "assistant", "tool_calls": [{"id": first.id, "type": "function", "function": {
+                   "name": first.function.name, "arguments": arguments}}]},
+               {"role": "tool", "tool_call_id": first.id, "content": "sunny"}]
     r = client.chat.completions.create(model="dgemma-code-tiny", messages=history, tools=[WEATHER], seed=6,
                                        max_tokens=32, extra_body=FAST)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -19,6 +19,7 @@ one is allowed where the matcher is in an accepting state.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 POLICIES = ("argmax", "dp")
+
+log = logging.getLogger(__name__)
 
 
 class CanvasConstraint:
@@ -42,6 +45,8 @@ class CanvasConstraint:
         self._draft: list[int] = []  # tokens the matcher holds past the committed text (the last draft, to its end)
         self._masks: list[np.ndarray | None] = []  # the token mask at each draft position, where it was computed
         self._ended = False  # the last draft ends with a stop token (after `_draft`)
+        self._dead = False  # the grammar allows nothing after `_draft`: the row is filled and ends incomplete
+        self._fill = pad_id if pad_id is not None else min(stop_ids)
         self.complete = False  # the committed text has ended with a stop token
         self.work_s = 0.0  # time spent in this object (benchmarks)
         self.masks_computed = 0
@@ -53,6 +58,8 @@ class CanvasConstraint:
         am = argmax.tolist()
         if self.complete:  # the text ended in an earlier canvas: nothing more to write (the row has finished)
             out = am
+        elif self._dead:
+            out = self._draft + [self._fill] * (len(am) - len(self._draft))
         elif self.policy == "argmax":
             out = self._walk(probs, am)
         else:
@@ -65,6 +72,8 @@ class CanvasConstraint:
         by the draft's token."""
         if self.complete:
             return sampled
+        if self._dead:  # no sample can continue the text: the draft (its prefix, then fill) stands
+            return torch.where(accepted, draft, sampled)
         t0 = time.perf_counter()
         end = len(self._draft)
         check = [i for i in (accepted & (sampled != draft)).nonzero().flatten().tolist() if i <= end]
@@ -132,13 +141,15 @@ class CanvasConstraint:
                 mask = mask if mask is not None else self._mask()
                 t = self._pick(probs[j], a, mask)
                 if t is None:
-                    raise RuntimeError(f"the grammar allows no token here: {self.matcher.get_error()}")
+                    return self._dead_end(c)
             if t in self.stop_ids:
                 self._ended = True
                 del masks[j:]
                 return old + [t] + am[j + 1:]
-            if not self.matcher.consume_token(t):
-                raise RuntimeError(f"grammar engine refused an allowed token: {self.matcher.get_error()}")
+            if not self.matcher.consume_token(t):  # the engine gave up (a grammar too complex to go on with)
+                log.warning("the grammar engine stopped: %s", self.matcher.get_error().splitlines()[0])
+                del self._masks[len(old):]
+                return self._dead_end(c)
             old.append(t)
             if j < len(masks):
                 masks[j] = mask
@@ -146,11 +157,24 @@ class CanvasConstraint:
                 masks.append(mask)
         return list(old)
 
+    def _dead_end(self, c: int) -> list[int]:
+        """The grammar allows no token after the draft so far (a dead end of the grammar, never of a JSON schema):
+        the rest of the row is fill, and its text stays an incomplete prefix."""
+        self._dead, self._ended = True, False
+        del self._masks[len(self._draft):]
+        return self._draft + [self._fill] * (c - len(self._draft))
+
     def _mask(self, matcher=None) -> np.ndarray:
-        """The allowed-token bitmask at the matcher's state (this row's, or a search state's)."""
+        """The allowed-token bitmask at the matcher's state (this row's, or a search state's). Stop tokens only where
+        the grammar accepts: at a dead end the engine allows the end-of-sequence token (and flags an error)."""
+        matcher = matcher or self.matcher
         mask = np.empty((self.n_vocab + 31) // 32, dtype=np.int32)
-        (matcher or self.matcher).unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         self.masks_computed += 1
+        if not matcher.is_accepting():
+            bits = mask.view(np.uint32)
+            for t in self.stop_ids:
+                bits[t >> 5] &= np.uint32(0xFFFFFFFF ^ (1 << (t & 31)))
         return mask
 
     def _pick(self, probs: torch.Tensor, token: int, mask: np.ndarray) -> int | None:
@@ -190,26 +214,25 @@ class CanvasConstraint:
                 if best is not None:
                     options.add(best)
                 grown.extend((score + float(row[t]), tokens + [t], m, t) for t in options)
-            ranked = sorted(grown, key=lambda g: -g[0])[:self.beam]
-            beams = []
-            for score, tokens, parent, t in ranked:
+            kept = []
+            for score, tokens, parent, t in sorted(grown, key=lambda g: -g[0])[:self.beam]:
                 child = parent.deep_copy()
-                child.consume_token(t)
-                beams.append((score, tokens, child))
-            if not beams:
+                if child.consume_token(t):  # else the engine gave up on this state
+                    kept.append((score, tokens, child))
+            if not kept:  # every state is at a dead end of the grammar
                 break
-        best_open = max(beams, key=lambda b: b[0]) if beams else None
-        if best_end is not None and (best_open is None or best_end[0] >= best_open[0]):
+            beams = kept
+        best_open = max(beams, key=lambda b: b[0])
+        dead = len(best_open[1]) < c
+        if best_end is not None and (dead or best_end[0] >= best_open[0]):
             tokens, ended = best_end[1][:-1], True
             out = best_end[1] + am[len(best_end[1]):]
-        elif best_open is not None:
-            tokens, ended, out = best_open[1], False, best_open[1]
         else:
-            raise RuntimeError("the grammar allows no continuation")
-        if not self.matcher.consume_tokens(tokens):
+            tokens, ended, out = best_open[1], False, best_open[1]
+        if not self.matcher.consume_tokens(tokens):  # not expected: each state consumed them before
             raise RuntimeError(f"grammar engine refused the searched canvas: {self.matcher.get_error()}")
         self._draft, self._masks, self._ended = list(tokens), [None] * len(tokens), ended
-        return out
+        return self._dead_end(c) if dead and not ended else out
 
     def _resync(self, tokens: list[int]) -> None:
         self.matcher.rollback(len(self._draft))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from .formats import schema_with_format_patterns
 
 MAX_SOURCE_CHARS = 64 * 1024  # a schema, regex, choice list or grammar larger than this is refused
 MAX_NESTING = 32  # JSON schema nesting (objects and lists inside each other) and regex/grammar bracket depth
@@ -134,7 +135,7 @@ def _checked_schema(schema: Any) -> dict:
 def _json_grammar(schema: dict) -> str:
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+    return llguidance.LLMatcher.grammar_from_json_schema(schema_with_format_patterns(schema), overrides=_JSON_OPTIONS)
 
 
 def _regex_grammar(regex: str) -> str:
@@ -204,7 +205,18 @@ class GrammarCompiler:
             matcher = llguidance.LLMatcher(self._tokenizer, source, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise ConstraintError(f"{constraint.kind.replace('_', ' ')}: {_engine_message(matcher.get_error())}")
+        if not matcher.is_accepting() and not _allows_a_token(matcher.compute_bitmask(), self.stop_ids):
+            raise ConstraintError(f"{constraint.kind.replace('_', ' ')} matches no text")
         return matcher
+
+
+def _allows_a_token(bitmask: bytes, stop_ids: tuple[int, ...]) -> bool:
+    """Whether a token mask allows some token other than the stop tokens (which the engine allows at a dead end)."""
+    bits = bytearray(bitmask)
+    for t in stop_ids:
+        if t >> 3 < len(bits):
+            bits[t >> 3] &= 0xFF ^ (1 << (t & 7))
+    return any(bits)
 
 
 def _engine_message(message: str) -> str:

@@ -16,7 +16,8 @@ from .errors import APIError
 from .infill import hole_size, infill_canvas
 from .protocol import ChatRequest, CompletionRequest, SamplingRequest
 from .structured import request_constraint
-from .tools import CALL_END, CALL_START, QUOTE, call_constraint, check_tools, chosen_tools
+from .tool_grammar import CALL_END, CALL_START, QUOTE, call_constraint
+from .tools import check_tools, chosen_tools
 
 _RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tokenize", "bos_token", "eos_token", "pad_token"}
 

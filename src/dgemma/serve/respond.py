@@ -27,7 +27,7 @@ from .jobs import Job
 from .metrics import Metrics
 from .output import ChoiceOutput, TextDecoder
 from .protocol import chat_choice, chat_message, completion_choice, envelope, usage
-from .tools import parse_tool_calls
+from .tool_parser import ToolCallStream, parse_tool_calls
 
 
 @dataclass
@@ -81,6 +81,11 @@ def _timeout(seconds: float) -> APIError:
     return APIError(504, f"the generation did not finish within {seconds:g} s", code="timeout")
 
 
+def _tool_finish(finish: str | None, calls: list) -> str | None:
+    """A choice that stopped after calling tools finishes with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if calls and finish == "stop" else finish
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -92,6 +97,7 @@ class _Run:
         self.runner, self.job, self.streams = runner, job, streams
         self.choices = [ChoiceOutput(runner.decoder, runner.stop_ids | job.hole_end_ids, job.stop_strings, job.chat,
                                      runner.pad_id, job.limit, job.channel_open) for _ in job.requests]
+        self.tool_streams = [ToolCallStream() for _ in job.requests] if job.tool_calls else None
         self.arrived = time.perf_counter()
         self.created = int(time.time())
         self.first_canvas = True
@@ -127,11 +133,14 @@ class _Run:
             choice.end()
         if not self.job.stream:
             return None
-        if self.job.tool_calls:  # calls are parsed from the whole text: sent once the choice has finished
-            return self._tool_chunk(index, choice) if choice.finished else None
         reasoning, content = choice.delta()
-        return self._chunk(index, {"content": content, "reasoning_content": reasoning}, content,
-                           choice.finish_reason, **self._incomplete(choice))
+        delta, finish = {"content": content, "reasoning_content": reasoning}, choice.finish_reason
+        if self.tool_streams is not None:  # calls are read as their text settles: name first, then arguments
+            stream = self.tool_streams[index]
+            content, calls = stream.feed(content, final=choice.finished)
+            delta.update(content=content, tool_calls=calls)
+            finish = _tool_finish(finish, stream.calls)
+        return self._chunk(index, delta, content, finish, **self._incomplete(choice))
 
     def _commit(self, index: int, event: CanvasCommit) -> None:
         tokens, passes = event.tokens[0].tolist(), int(event.passes[0])
@@ -177,15 +186,8 @@ class _Run:
             content, calls = parse_tool_calls(content)
             if calls:
                 message.update(content=content or None, tool_calls=calls)
-                finish = "tool_calls" if finish == "stop" else finish
+                finish = _tool_finish(finish, calls)
         return message, finish
-
-    def _tool_chunk(self, index: int, choice) -> dict[str, Any]:
-        message, finish = self._message(choice)
-        delta = {k: v for k, v in message.items() if k != "role" and v}
-        if "tool_calls" in delta:
-            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
-        return self._chunk(index, delta, "", finish, **self._incomplete(choice))
 
     def _incomplete(self, choice) -> dict[str, Any]:
         """A constrained choice cut by max_tokens says so: its text is a valid prefix, not a complete match."""
