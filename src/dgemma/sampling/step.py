@@ -14,7 +14,7 @@ import torch
 
 from ..config import GenerationConfig
 from .acceptance import accept_by_entropy, token_entropy
-from .constraint import CanvasConstraint, constrain_drafts, constrain_samples
+from .constraint import CanvasConstraint, constrain_drafts, constrain_samples, finish_drafts, mask_distributions
 from .noise import CanvasRNG
 from .schedule import linear_temperature
 from .stopping import StableAndConfident
@@ -123,7 +123,8 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     temperature = linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
     draft, probs, entropy, cond = per_position(logits, temperature, state.cond_dtype, rows, b)
     if state.constraints is not None:  # the committed draft stays valid; entropy and self-conditioning the model's
-        draft = constrain_drafts(state.constraints, probs, draft, done)
+        draft = constrain_drafts(state.constraints, probs, draft, done, final=steps_left == 1)
+        entropy, cond = mask_distributions(state.constraints, probs, entropy, cond, done)  # (or masked: measured)
     stopped = bool(done.any())
     if stopped:  # rows that already stopped keep their self-conditioning input; before sampling, which may read
         cond[done] = state.self_cond[done]  # every row (in place, those rows only: `cond` is this step's fresh tensor)
@@ -153,5 +154,7 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
         canvas = torch.where(done[:, None], state.canvas, canvas)
         mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
     state.done = done | state.stopper(draft, mean_entropy)
+    if state.constraints is not None:  # a canvas that stops now commits this draft: walked to its end
+        draft = finish_drafts(state.constraints, probs, draft, state.done & ~done)
     state.canvas, state.draft, state.self_cond = canvas, draft, cond
     return accepted & ~done[:, None] if stopped else accepted  # a row that had stopped accepts nothing
