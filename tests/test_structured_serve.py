@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import jsonschema
 import pytest
@@ -29,30 +27,9 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def client():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "dgemma", "serve", "--model", "dgemma-code-tiny", "--port", str(port), "--max-slots",
-           "2", "--log-level", "warning", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the server did not come up")
-        time.sleep(0.3)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-    proc.terminate()
-    proc.wait(timeout=20)
+def client(served):
+    with served(["--model", "dgemma-code-tiny", "--max-slots", "2", "--device", "cpu"], {"OMP_NUM_THREADS": "1"}) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
 def test_response_format_json_schema_in_chat_and_completions(client):
