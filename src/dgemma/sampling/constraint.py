@@ -64,7 +64,7 @@ class CanvasConstraint:
         self._masks: list[np.ndarray | None] = []  # the token mask at each draft position, where it was computed
         self._ended = False  # the last draft ends with a stop token (after `_draft`)
         self._dead = False  # the grammar allows nothing after `_draft`: the row is filled and ends incomplete
-        self.cut = False  # the last draft was walked only so far (`_draft`), the pass's mask budget spent
+        self.cut = False  # the last draft was walked only so far (`_draft`), the pass's work budget spent
         self._masks_left: int | None = None
         self._fill = pad_id if pad_id is not None else min(stop_ids)
         self.complete = False  # the committed text has ended with a stop token
@@ -77,9 +77,9 @@ class CanvasConstraint:
     def constrain(self, probs: torch.Tensor, argmax: torch.Tensor, final: bool = True) -> torch.Tensor:
         """The constrained draft [C] for this pass, given the pass's probabilities [C, V] and argmax [C].
 
-        Not `final` (a pass that does not commit), the walk stops where it would need more token masks than
-        `pass_masks`: the draft is a valid prefix, then the model's argmax (`cut`); a noisy draft changes anyway
-        before it is committed. A `final` pass walks the whole draft; so does calling this again with the cut
+        Not `final` (a pass that does not commit), the walk stops where it would need more vocabulary-wide work
+        (token masks and searches of them) than `pass_masks`: the draft is a valid prefix, then the model's argmax
+        (`cut`); a noisy draft changes anyway before it is committed. A `final` pass walks the whole draft; so does calling this again with the cut
         draft as `argmax` once the canvas turns out to be done (`finish_drafts`)."""
         t0 = time.perf_counter()
         am = argmax.tolist()
