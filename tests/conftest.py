@@ -8,7 +8,12 @@ damped, so the decoder is sure of itself: several tokens accepted per pass, earl
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -143,3 +148,38 @@ def write_picture(path, w: int = 50, h: int = 30, seed: int = 0):
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
     return path
+@pytest.fixture(scope="session")
+def served():
+    """`served(ARGS, ENV)`: a context manager running `dgemma serve ARGS` (see `_served`)."""
+    return _served
+
+
+@contextlib.contextmanager
+def _served(args: list[str], env: dict[str, str], wait_s: float = 120):
+    """`dgemma serve ARGS` on a free local port, in a subprocess: yields its URL once /health answers; stopped after."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "dgemma", "serve", *args, "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + wait_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up within {wait_s:g} s")
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -5,10 +5,6 @@ Every generated text is checked against `stream_generate` run here, alone, with 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,38 +21,13 @@ KEY = "test-key"
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
+def server(served):
     """Two slots and a queue of one: three requests fill it."""
-    port = _free_port()
-    env = {**os.environ, "DGEMMA_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dgemma", "serve", "--model", "tiny", "--port", str(port), "--max-slots", "2",
-           "--max-queue", "1", "--max-tokens", "256", "--max-n", "2", "--max-prompt-tokens", "512",
-           "--max-denoising-steps", "64", "--max-body-bytes", "65536", "--log-level", "warning", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("the server did not come up within 90 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with served(["--model", "tiny", "--max-slots", "2", "--max-queue", "1", "--max-tokens", "256", "--max-n", "2",
+                 "--max-prompt-tokens", "512", "--max-denoising-steps", "64", "--max-body-bytes", "65536",
+                 "--device", "cpu"], {"DGEMMA_API_KEY": KEY, "OMP_NUM_THREADS": "1"}, wait_s=90) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +163,7 @@ def test_bad_chat_requests(client):
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="tiny", messages=[])
     with pytest.raises(openai.BadRequestError, match="role"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "function", "content": "x"}])
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
 

@@ -129,12 +129,13 @@ def test_chat_template_tokenize(tok: Tokenizer) -> None:
 
 
 def test_chat_template_rejects_unsupported(tok: Tokenizer) -> None:
-    with pytest.raises(TemplateError, match="role 'tool'"):
-        tok.apply_chat_template([{"role": "tool", "content": "42"}])
+    with pytest.raises(TemplateError, match="role 'function'"):
+        tok.apply_chat_template([{"role": "function", "content": "42"}])
     with pytest.raises(TemplateError, match="takes text, image and video content, not audio"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "audio", "url": "x.wav"}]}])
-    with pytest.raises(TemplateError, match="no tool support"):
-        tok.apply_chat_template([{"role": "user", "content": "Hi"}], tools=[{"type": "function"}])
+    with pytest.raises(TemplateError, match="arguments must be an object"):  # tools render (docs/structured-output.md)
+        tok.apply_chat_template([{"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{}"}}]}])
 
 
 def test_chat_template_rejects_an_empty_conversation(tok: Tokenizer) -> None:

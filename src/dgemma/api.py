@@ -29,6 +29,8 @@ from .engine.static import StaticPool
 from .model.model import DiffusionGemmaModel
 from .model.weights import load_weights, save_weights
 from .processor import Processor
+from .sampling.constraint import row_constraints
+from .sampling.grammar import Constraint, GrammarCompiler
 from .shipped import resolve
 from .tokenizer import Tokenizer, byte_tokenizer
 
@@ -197,6 +199,7 @@ class DiffusionGemma:
             raise ConfigError(f"vision_mask must be one of {', '.join(map(repr, VISION_MASKS))}, got {vision_mask!r}")
         model.vision_mask = vision_mask
         self._processor: Processor | None = None
+        self._grammar_compilers: dict[tuple[int, ...], GrammarCompiler] = {}
 
     @property
     def processor(self) -> Processor:
@@ -295,20 +298,38 @@ class DiffusionGemma:
         seeds = _seed_list(0 if seed is None else seed, batch)
         return [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
 
+    def grammar_compiler(self, stop_ids: Sequence[int]) -> GrammarCompiler:
+        """The grammar engine over this model's vocabulary with `stop_ids` ending the output (built once per stop
+        set: seconds for a 262,144-token vocabulary)."""
+        if self.tokenizer is None:
+            raise ConfigError("constrained generation needs the model's tokenizer (tokenizer.json missing)")
+        key = tuple(stop_ids)
+        if key not in self._grammar_compilers:
+            self._grammar_compilers[key] = GrammarCompiler(self.tokenizer.backend.to_str(), self.model.text.vocab_size,
+                                                           list(key))
+        return self._grammar_compilers[key]
+
     def stream_generate(self, input_ids=None, attention_mask=None, generation_config: GenerationConfig | None = None,
                         decoder_input_ids: torch.Tensor | None = None, fixed_mask: torch.Tensor | None = None,
                         seed: int | Sequence[int] | None = None, static_cache: bool | None = None,
-                        **kwargs) -> Iterator:
+                        constraint: Constraint | Sequence[Constraint | None] | None = None,
+                        constraint_policy: str = "argmax", **kwargs) -> Iterator:
         """Yields `DenoiseStep` (each pass's draft and accepted mask), `CanvasCommit` and finally a
         `GenerationResult`. `decoder_input_ids` [B, C] starts the first canvas; `fixed_mask` [B, C] marks
         positions whose given token is kept (never re-noised). `static_cache` (default: on for CUDA) runs the
-        decoder passes with fixed shapes over a reused cache, captured as a CUDA graph on the GPU."""
+        decoder passes with fixed shapes over a reused cache, captured as a CUDA graph on the GPU. `constraint` (a
+        `Constraint`, or one per row, None for an unconstrained row) makes the output match a JSON schema, regex,
+        choice or grammar (`constraint_policy`: "argmax" or "dp", see `dgemma.sampling.constraint`)."""
         media_inputs = {k: kwargs.pop(k) for k in MEDIA_INPUTS if k in kwargs}
         kwargs.pop("num_frames_per_video", None)  # the processor's, for the caller: the positions already tell
         type_ids = kwargs.pop("mm_token_type_ids", None)
         prompts, ids = _as_rows(input_ids, attention_mask)
         gen = self._generation_config(generation_config, ids.shape[1], kwargs)
         media = prompt_media(self.model, prompts, _type_rows(type_ids, ids, attention_mask), **media_inputs)
+        constraints = None
+        if constraint is not None:
+            constraints = row_constraints(self.grammar_compiler(gen.eos_token_id or []), constraint, len(prompts),
+                                          gen.pad_token_id, constraint_policy)
         start = None
         if decoder_input_ids is not None:
             tokens = _token_tensor(decoder_input_ids, "decoder_input_ids")
@@ -320,7 +341,7 @@ class DiffusionGemma:
         if static_cache is None:
             static_cache = self.device.type == "cuda"
         yield from stream_generate(self.model, prompts, gen, self._generators(len(prompts), seed, gen.do_sample), start,
-                                   self._static if static_cache else None, media)
+                                   self._static if static_cache else None, media, constraints)
 
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
                  return_dict_in_generate: bool | None = None, **kwargs) -> GenerateOutput | torch.Tensor:
@@ -351,6 +372,10 @@ class DiffusionGemma:
                 draft(value=result.draft.cpu())
         if streamer is not None:
             streamer.end()
+        for row, complete in enumerate(result.stats.grammar_complete):
+            if complete is False:
+                log.warning("row %d: the output ran out of tokens (max_new_tokens) before its constraint was satisfied; "
+                            "its text is a valid prefix, not a complete match", row)
         generated = torch.tensor(result.tokens, dtype=torch.long)
         device = input_ids.device if isinstance(input_ids, torch.Tensor) else self.model.device  # the reference's
         sequences = torch.cat([ids.cpu(), generated], dim=1).to(device)

@@ -12,6 +12,7 @@ from ..tokenizer import is_valid_text
 from .canvas_view import CanvasView
 from .common import (MODEL_HELP, PROG, CLIError, add_device_arguments, add_sampler_arguments, int_at_least_1,
                      load_with_tokenizer, sampler_settings)
+from .constraint_args import add_constraint_arguments, constraint_from_args
 from .media import add_media_arguments, check_files, prompt_inputs
 
 
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion",
                    help="diffusion (default), or ar: greedy autoregressive decoding with the same weights")
     add_media_arguments(g)
+    add_constraint_arguments(g)
     add_device_arguments(g)
     g.set_defaults(func=cmd_generate)
 
@@ -104,6 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # everything that can be checked without the weights is checked before loading them
     gen = sampler_settings(args)
+    constraint = constraint_from_args(args)
+    if constraint is not None and args.mode == "ar":
+        raise CLIError("structured output needs --mode diffusion")
     prompt = _read_prompt(args.prompt)
     model = load_with_tokenizer(args.model, args.device, args.dtype)
     if args.canvas_length is not None:
@@ -147,7 +152,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = None
         hit_stop = False
         try:
-            for event in model.stream_generate([prompt_ids], generation_config=gen, seed=args.seed, **media):
+            for event in model.stream_generate([prompt_ids], generation_config=gen, seed=args.seed, **media,
+                                               constraint=constraint, constraint_policy=args.constraint_policy):
                 if isinstance(event, DenoiseStep):
                     if view is not None:
                         view.step(event)
@@ -193,9 +199,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             doc["reasoning"] = reasoning
         doc.update({"prompt_tokens": len(prompt_ids), "tokens": generated, "stopped": finished,
                     "seed": args.seed, "stats": summary})
+        if constraint is not None:
+            doc["complete"] = bool(stats.grammar_complete[0])
         stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
         stdout.flush()
-        return 0
+        return 0 if _report_incomplete(constraint, stats) else 1
 
     if stream_text:
         emit(detok.flush())
@@ -222,4 +230,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         where = f"autoregressive, {stats.decoder_passes[0]} passes"
     print(f"{PROG}: {n_new} tokens, {where}, {stats.tokens_per_forward[0]:.2f} tokens/forward, {tps} "
           f"({wall:.2f} s)", file=sys.stderr, flush=True)
-    return 0
+    return 0 if _report_incomplete(constraint, stats) else 1
+
+
+def _report_incomplete(constraint, stats) -> bool:
+    """False (and a warning line) when the output ran out of tokens before its constraint was satisfied."""
+    if constraint is None or stats.grammar_complete[0]:
+        return True
+    print(f"{PROG}: warning: the output ended at --max-new-tokens before it matched the {constraint.kind.replace('_', ' ')}"
+          f" (it is a valid prefix, not a complete match)", file=sys.stderr, flush=True)
+    return False

@@ -26,6 +26,7 @@ from ..config import ConfigError, GenerationConfig
 from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
+from ..sampling.constraint import CanvasConstraint
 from ..sampling.step import CanvasState, denoise_update
 from .media import PromptMedia, batch_media
 from .static import StaticPool
@@ -60,6 +61,8 @@ class GenerationStats:
     tokens_per_forward: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     first_canvas_s: float = 0.0
+    grammar_complete: list[bool | None] = field(default_factory=list)  # per row: its constraint's text ended (None: no
+    # constraint); False means the output ran out of tokens before the grammar was satisfied
 
 
 @dataclass
@@ -101,8 +104,14 @@ def check_tokens(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], e
 
 
 def _validate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-              n_canvases: int, start: CanvasSpec | None) -> None:
+              n_canvases: int, start: CanvasSpec | None,
+              constraints: Sequence[CanvasConstraint | None] | None = None) -> None:
     gen.validate()
+    if constraints is not None:
+        if len(constraints) != len(prompts):
+            raise ConfigError(f"got {len(constraints)} constraints for {len(prompts)} prompts")
+        if start is not None and any(c is not None for c in constraints):
+            raise ConfigError("a grammar constraint cannot be combined with a starting canvas (decoder_input_ids)")
     text, c = model.text, model.config.canvas_length
     check_tokens(model, prompts, gen.eos_token_id, gen.pad_token_id)
     need = context_length_needed([len(p) for p in prompts], n_canvases, c)
@@ -164,19 +173,21 @@ def _returned_to(static: StaticPool | None, cache: KVCache) -> Iterator[None]:
 def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
                     generators: list[torch.Generator | None] | None = None,
                     start: CanvasSpec | None = None, static: StaticPool | None = None,
-                    media: Sequence[PromptMedia | None] | None = None
+                    media: Sequence[PromptMedia | None] | None = None,
+                    constraints: Sequence[CanvasConstraint | None] | None = None
                     ) -> Iterator[DenoiseStep | CanvasCommit | GenerationResult]:
     """Yields a `DenoiseStep` per decoder pass, a `CanvasCommit` per canvas, and finally a `GenerationResult`.
 
     `generators=None` draws from torch's global generator in the reference order; a list gives each row
     its own generator (batch-invariant tokens). With `static`, decoder passes run with fixed shapes over a
     reused cache (`engine.static`; a CUDA graph on the GPU) instead of the eager pass. `media`: per prompt its
-    images' soft tokens (`engine.media.prompt_media`), put in place when the prompt is encoded.
+    images' soft tokens (`engine.media.prompt_media`), put in place when the prompt is encoded. `constraints` [B]
+    hold each row's grammar (None: unconstrained); they carry the grammar state from canvas to canvas.
     """
     t0 = time.perf_counter()
     c, vocab, device = model.config.canvas_length, model.text.vocab_size, model.device
     n_canvases = math.ceil(gen.max_new_tokens / c)
-    _validate(model, prompts, gen, n_canvases, start)
+    _validate(model, prompts, gen, n_canvases, start, constraints)
     b = len(prompts)
     rng = CanvasRNG(generators)
     eos = torch.tensor(gen.eos_token_id or [], dtype=torch.long, device=device)
@@ -210,7 +221,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             if first_given:
                 canvas = start.tokens.to(device)
             fixed = start.fixed.to(device) if first_given and start.fixed is not None else None
-            state = CanvasState.start(canvas, gen, fixed, model.dtype)
+            state = CanvasState.start(canvas, gen, fixed, model.dtype, constraints)
             passes = torch.zeros(b, dtype=torch.long, device=device)
             soft, frozen = None, None  # the last pass's self-conditioning input; rows whose input is unchanged since
             for step, steps_left in enumerate(range(gen.max_denoising_steps, 0, -1), 1):
@@ -236,6 +247,7 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
             draft = state.draft
             tokens = draft.clone() if pad is None else draft.masked_fill(finished[:, None], pad)
             tokens, has_eos = _pad_after_eos(tokens, eos, pad, fixed)
+            _commit_constraints(constraints, tokens, finished)
             finished |= has_eos
             total_passes += passes
             for r in range(b):
@@ -253,7 +265,16 @@ def stream_generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]]
         stats.decoder_passes = total_passes.tolist()
         stats.tokens_per_forward = [n / max(p, 1) for n, p in zip(stats.new_tokens, stats.decoder_passes)]
         stats.wall_time_s = time.perf_counter() - t0
+        stats.grammar_complete = [None if c is None else c.complete for c in constraints or [None] * b]
         yield GenerationResult(out.tolist(), stats)
+
+
+def _commit_constraints(constraints: Sequence[CanvasConstraint | None] | None, tokens: torch.Tensor,
+                        finished: torch.Tensor) -> None:
+    """The committed canvas [B, C] becomes each constrained row's grammar state (rows that had finished: none)."""
+    for r, constraint in enumerate(constraints or []):
+        if constraint is not None and not bool(finished[r]):
+            constraint.commit(tokens[r].tolist())
 
 
 def _exact_subset(model: DiffusionGemmaModel, skip: torch.Tensor, canvas: int) -> torch.Tensor | None:
@@ -283,8 +304,9 @@ def _self_conditioning(model: DiffusionGemmaModel, probs: torch.Tensor | None, b
 def generate(model: DiffusionGemmaModel, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
              generators: list[torch.Generator | None] | None = None,
              start: CanvasSpec | None = None, static: StaticPool | None = None,
-             media: Sequence[PromptMedia | None] | None = None) -> GenerationResult:
+             media: Sequence[PromptMedia | None] | None = None,
+             constraints: Sequence[CanvasConstraint | None] | None = None) -> GenerationResult:
     result = None
-    for event in stream_generate(model, prompts, gen, generators, start, static, media):
+    for event in stream_generate(model, prompts, gen, generators, start, static, media, constraints):
         result = event
     return result

@@ -33,6 +33,7 @@ from ..config import FULL, ConfigError, GenerationConfig, TextConfig
 from ..model.kv_cache import KVCache
 from ..model.model import DiffusionGemmaModel
 from ..sampling import CanvasRNG
+from ..sampling.constraint import CanvasConstraint
 from ..sampling.step import CanvasState, denoise_update
 from .generate import (CanvasCommit, CanvasSpec, DenoiseStep, GenerationResult, GenerationStats, _pad_after_eos,
                        _validate, count_new_tokens)
@@ -75,6 +76,7 @@ class Request:
     include_drafts: bool = False  # emit a `DenoiseStep` per pass, not only the commits
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     media: dict | None = None
+    constraint: CanvasConstraint | None = None  # the output's grammar (its state: one per request, never shared)
 
 
 def slot_bytes(text: TextConfig, max_len: int, canvas_length: int, dtype: torch.dtype) -> int:
@@ -163,7 +165,8 @@ class _Row:
         if start is not None:
             canvas = start.tokens.to(self.device)
             fixed = start.fixed.to(self.device) if start.fixed is not None else None
-        self.state = CanvasState.start(canvas, self.request.gen, fixed, self.dtype)
+        constraints = None if self.request.constraint is None else [self.request.constraint]
+        self.state = CanvasState.start(canvas, self.request.gen, fixed, self.dtype, constraints)
         self.pending, self.step, self.passes = None, 0, 0
 
     def denoised(self, logits: torch.Tensor) -> None:
@@ -180,6 +183,8 @@ class _Row:
 
     def commit(self) -> None:
         tokens, has_eos = _pad_after_eos(self.state.draft, self.eos, self.pad, self.state.fixed)
+        if self.request.constraint is not None:
+            self.request.constraint.commit(tokens[0].tolist())
         self.committed.append(tokens)
         self.stats.passes_per_canvas[0].append(self.passes)
         if self.canvas_index == 0:
@@ -200,6 +205,8 @@ class _Row:
         stats.decoder_passes = [sum(stats.passes_per_canvas[0])]
         stats.tokens_per_forward = [stats.new_tokens[0] / max(stats.decoder_passes[0], 1)]
         stats.wall_time_s = time.perf_counter() - self.submitted
+        constraint = self.request.constraint
+        stats.grammar_complete = [None if constraint is None else constraint.complete]
         self.emit(GenerationResult(out.tolist(), stats))
         self.done = True
 
@@ -242,7 +249,7 @@ class Scheduler:
         """Raise `ConfigError` for a request this scheduler cannot run."""
         request.gen.validate()
         n_canvases = math.ceil(request.gen.max_new_tokens / self.c)
-        _validate(self.model, [request.prompt], request.gen, n_canvases, request.start)
+        _validate(self.model, [request.prompt], request.gen, n_canvases, request.start, [request.constraint])
         check_media(self.model, [request.prompt], **_media_kwargs(request.media or {}))
         need = len(request.prompt) + (n_canvases - 1) * self.c
         if need > self.max_len:

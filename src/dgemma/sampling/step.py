@@ -14,6 +14,7 @@ import torch
 
 from ..config import GenerationConfig
 from .acceptance import accept_by_entropy, token_entropy
+from .constraint import CanvasConstraint, constrain_drafts, constrain_samples, finish_drafts, mask_distributions
 from .noise import CanvasRNG
 from .schedule import linear_temperature
 from .stopping import StableAndConfident
@@ -31,14 +32,17 @@ class CanvasState:
     fixed: torch.Tensor | None = None  # [B, C] positions whose token is given
     fixed_tokens: torch.Tensor | None = None
     cond_dtype: torch.dtype = torch.float32  # the model's: self-conditioning sees the logits rounded to it
+    constraints: list[CanvasConstraint | None] | None = None  # [B] grammar constraints (`sampling.constraint`)
 
     @classmethod
     def start(cls, canvas: torch.Tensor, gen: GenerationConfig, fixed: torch.Tensor | None = None,
-              cond_dtype: torch.dtype = torch.float32) -> "CanvasState":
+              cond_dtype: torch.dtype = torch.float32,
+              constraints: list[CanvasConstraint | None] | None = None) -> "CanvasState":
         has_fixed = fixed is not None and bool(fixed.any())
         return cls(canvas, canvas, None, torch.zeros(canvas.shape[0], dtype=torch.bool, device=canvas.device),
                    StableAndConfident(gen.stability_threshold, gen.confidence_threshold),
-                   fixed if has_fixed else None, canvas if has_fixed else None, cond_dtype)
+                   fixed if has_fixed else None, canvas if has_fixed else None, cond_dtype,
+                   constraints if constraints is not None and any(c is not None for c in constraints) else None)
 
 
 def per_position(logits: torch.Tensor, temperature: float, cond_dtype: torch.dtype = torch.float32,
@@ -118,6 +122,9 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     fixed, done = state.fixed, state.done
     temperature = linear_temperature(steps_left, gen.max_denoising_steps, gen.t_min, gen.t_max)
     draft, probs, entropy, cond = per_position(logits, temperature, state.cond_dtype, rows, b)
+    if state.constraints is not None:  # the committed draft stays valid; entropy and self-conditioning the model's
+        draft = constrain_drafts(state.constraints, probs, draft, done, final=steps_left == 1)
+        entropy, cond = mask_distributions(state.constraints, probs, entropy, cond, done)  # (or masked: measured)
     stopped = bool(done.any())
     if stopped:  # rows that already stopped keep their self-conditioning input; before sampling, which may read
         cond[done] = state.self_cond[done]  # every row (in place, those rows only: `cond` is this step's fresh tensor)
@@ -129,6 +136,8 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
     if gen.do_sample:
         used = accepted & ~done[:, None] if fixed is None else accepted & ~done[:, None] & ~fixed
         sampled = rng.sample(probs, used, done if stopped else None)
+        if state.constraints is not None:  # accepted tokens continue the draft's valid prefix
+            sampled = constrain_samples(state.constraints, draft, sampled, accepted, done)
     else:
         sampled = draft
     if fixed is not None:
@@ -145,5 +154,7 @@ def denoise_update(state: CanvasState, logits: torch.Tensor, steps_left: int, ge
         canvas = torch.where(done[:, None], state.canvas, canvas)
         mean_entropy = torch.where(done, torch.zeros_like(mean_entropy), mean_entropy)
     state.done = done | state.stopper(draft, mean_entropy)
+    if state.constraints is not None:  # a canvas that stops now commits this draft: walked to its end
+        draft = finish_drafts(state.constraints, probs, draft, state.done & ~done)
     state.canvas, state.draft, state.self_cond = canvas, draft, cond
     return accepted & ~done[:, None] if stopped else accepted  # a row that had stopped accepts nothing

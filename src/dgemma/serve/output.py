@@ -15,6 +15,8 @@ from bisect import bisect_left
 
 from ..tokenizer import CHANNEL_END, CHANNEL_START, Tokenizer, settled_length, split_reasoning
 
+TOOL_MARKERS = ("<|tool_call>", "<tool_call|>", '<|"|>')  # Gemma 4's call syntax (`serve.tools`)
+
 log = logging.getLogger(__name__)
 
 
@@ -24,9 +26,9 @@ class TextDecoder:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         specials = frozenset(i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special)
-        markers = {tokenizer.token_to_id(CHANNEL_START), tokenizer.token_to_id(CHANNEL_END)}
+        markers = {tokenizer.token_to_id(t) for t in (CHANNEL_START, CHANNEL_END, *TOOL_MARKERS)}
         # dropped before decoding: every special token for a completion; in chat all but the channel markers,
-        # which delimit reasoning
+        # which delimit reasoning, and the tool-call markers (`serve.tools` parses calls from the text)
         self._drop = {False: specials, True: specials - markers}
         self._byte_ids = frozenset(i for b in range(256) if (i := tokenizer.token_to_id(f"<0x{b:02X}>")) is not None)
         self._pieces: dict[int, str] = {}

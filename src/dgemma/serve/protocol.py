@@ -42,6 +42,9 @@ class SamplingRequest(_Body):
     t_max: float | None = Field(None, gt=0)
     stability_threshold: int | None = Field(None, ge=0)
     confidence_threshold: float | None = Field(None, gt=0)
+    # structured output (`serve.structured`): OpenAI's response_format, or vLLM's structured_outputs
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stream_options")
     @classmethod
@@ -98,14 +101,39 @@ class VideoURLPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImageURLPart | VideoURLPart] | None = None
     name: str | None = None
     reasoning_content: str | None = None  # accepted in history, not shown to the model
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (arguments: a JSON string, as OpenAI sends)
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
     def template_dict(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else [p.model_dump() for p in self.content]
-        return {"role": self.role, "content": content}
+        out: dict[str, Any] = {"role": self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [_template_call(c) for c in self.tool_calls]
+        if self.role == "tool":
+            out.update(tool_call_id=self.tool_call_id, name=self.name)
+        return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call with its arguments parsed, as chat templates take it."""
+    import json
+
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ValueError('each tool_calls item needs {"function": {"name": ..., "arguments": ...}}')
+    args = fn.get("arguments") or "{}"
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise ValueError(f"tool call {fn['name']!r}: arguments are not JSON") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"tool call {fn['name']!r}: arguments must be a JSON object")
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 class ChatRequest(SamplingRequest):
@@ -114,6 +142,9 @@ class ChatRequest(SamplingRequest):
     logprobs: Literal[False] | None = None  # taken at its no-op value only
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # functions with JSON-schema parameters (`serve.tools`)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # -- responses -------------------------------------------------------------------------------------------

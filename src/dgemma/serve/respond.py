@@ -27,6 +27,7 @@ from .jobs import Job
 from .metrics import Metrics
 from .output import ChoiceOutput, TextDecoder
 from .protocol import chat_choice, chat_message, completion_choice, envelope, usage
+from .tool_parser import ToolCallStream, parse_tool_calls
 
 
 @dataclass
@@ -80,6 +81,11 @@ def _timeout(seconds: float) -> APIError:
     return APIError(504, f"the generation did not finish within {seconds:g} s", code="timeout")
 
 
+def _tool_finish(finish: str | None, calls: list) -> str | None:
+    """A choice that stopped after calling tools finishes with "tool_calls", as OpenAI's do."""
+    return "tool_calls" if calls and finish == "stop" else finish
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -91,6 +97,7 @@ class _Run:
         self.runner, self.job, self.streams = runner, job, streams
         self.choices = [ChoiceOutput(runner.decoder, runner.stop_ids | job.hole_end_ids, job.stop_strings, job.chat,
                                      runner.pad_id, job.limit, job.channel_open) for _ in job.requests]
+        self.tool_streams = [ToolCallStream() for _ in job.requests] if job.tool_calls else None
         self.arrived = time.perf_counter()
         self.created = int(time.time())
         self.first_canvas = True
@@ -127,8 +134,13 @@ class _Run:
         if not self.job.stream:
             return None
         reasoning, content = choice.delta()
-        return self._chunk(index, {"content": content, "reasoning_content": reasoning}, content,
-                           choice.finish_reason)
+        delta, finish = {"content": content, "reasoning_content": reasoning}, choice.finish_reason
+        if self.tool_streams is not None:  # calls are read as their text settles: name first, then arguments
+            stream = self.tool_streams[index]
+            content, calls = stream.feed(content, final=choice.finished)
+            delta.update(content=content, tool_calls=calls)
+            finish = _tool_finish(finish, stream.calls)
+        return self._chunk(index, delta, content, finish, **self._incomplete(choice))
 
     def _commit(self, index: int, event: CanvasCommit) -> None:
         tokens, passes = event.tokens[0].tolist(), int(event.passes[0])
@@ -166,13 +178,33 @@ class _Run:
         return usage(self.job.prompt_tokens, sum(c.completion_tokens for c in self.choices),
                      sum(c.decoder_passes for c in self.choices), self.job.image_tokens)
 
+    def _message(self, choice) -> tuple[dict[str, Any], str | None]:
+        """A chat choice's message and finish reason, its tool calls parsed out where the request has tools."""
+        reasoning, content = choice.text()
+        message, finish = chat_message(reasoning, content), choice.finish_reason
+        if self.job.tool_calls:
+            content, calls = parse_tool_calls(content)
+            if calls:
+                message.update(content=content or None, tool_calls=calls)
+                finish = _tool_finish(finish, calls)
+        return message, finish
+
+    def _incomplete(self, choice) -> dict[str, Any]:
+        """A constrained choice cut by max_tokens says so: its text is a valid prefix, not a complete match."""
+        if self.job.constrained and choice.finish_reason == "length":
+            return {"incomplete_reason": "max_tokens was reached before the output matched its constraint"}
+        return {}
+
     def body(self) -> dict[str, Any]:
         """The non-streaming answer."""
         choices = []
         for i, c in enumerate(self.choices):
-            reasoning, content = c.text()
-            choices.append(chat_choice(i, chat_message(reasoning, content), c.finish_reason) if self.job.chat
-                           else completion_choice(i, content, c.finish_reason))
+            extra = self._incomplete(c)
+            if self.job.chat:
+                message, finish = self._message(c)
+                choices.append(chat_choice(i, message, finish, **extra))
+            else:
+                choices.append(completion_choice(i, c.text()[1], c.finish_reason, **extra))
         return envelope(self.job.id, self.job.object, self.created, self.runner.model_name, choices,
                         usage=self.usage())
 
